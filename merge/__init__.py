@@ -1,0 +1,1 @@
+"""Merging stages (mergekit methods, LoRA merge, MoE assembly): not yet implemented."""

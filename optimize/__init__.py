@@ -1,0 +1,1 @@
+"""Optimization stages (distillation, GPTQ, 1-bit, ONNX export): not yet implemented."""

@@ -1,0 +1,281 @@
+"""The one contract between stages: a checkpoint directory with a ``polm.json`` manifest.
+
+A checkpoint is a Hugging Face model directory (or the layout its format's consumer expects)
+plus the manifest, which records the stage and settings that made it, its format, its parents
+with their content hashes, library versions, the seed and its metrics.
+
+Writes are atomic: a stage writes into a hidden temporary sibling, the manifest goes in last,
+and the directory is renamed into place only when complete. A directory without a valid
+manifest is never taken as a checkpoint, so an interrupted stage cannot leave a half
+checkpoint that looks whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from polm.errors import PolmError
+
+MANIFEST = "polm.json"
+FORMATS = ("hf", "peft-adapter", "gptq", "onebit", "onnx")
+TRACKED_LIBRARIES = (
+    "polm",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "safetensors",
+    "tokenizers",
+    "mergekit",
+    "gptqmodel",
+    "optimum",
+    "onnxruntime",
+    "onnxruntime-genai",
+)
+
+
+class Parent(BaseModel):
+    path: str = Field(description="Where the parent checkpoint was when this one was made.")
+    content_hash: str = Field(description="The parent's content hash at that time.")
+    stage: str = Field(description="The stage that made the parent.")
+
+
+class Manifest(BaseModel):
+    """The contents of ``polm.json``."""
+
+    model_config = ConfigDict(extra="allow")  # newer writers may add fields; keep them
+
+    stage: str = Field(description="Dotted stage name, e.g. 'align.sft' or 'import'.")
+    format: str = Field(description=f"One of {FORMATS}.")
+    settings: dict[str, Any] = Field(default_factory=dict)
+    parents: list[Parent] = Field(default_factory=list)
+    seed: int | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    content_hash: str = ""
+    input_hash: str | None = Field(
+        default=None,
+        description="Hash of stage, settings and parents' content hashes, set by "
+        "the recipe runner so an unchanged stage is skipped.",
+    )
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created: str = ""
+
+
+class Checkpoint:
+    """A finished checkpoint on disk. Opening one validates its manifest."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = Path(path)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Checkpoint:
+        path = Path(path)
+        if not path.is_dir():
+            raise PolmError(f"no checkpoint at {path}: it is not a directory.")
+        mf = path / MANIFEST
+        if not mf.is_file():
+            raise PolmError(
+                f"{path} is not a polm checkpoint: it has no {MANIFEST}. A directory without a "
+                "manifest may be an interrupted write and is never used as an input; bring an "
+                f"outside model in with `polm import {path} --out DIR`."
+            )
+        try:
+            manifest = Manifest.model_validate_json(mf.read_text())
+        except (ValidationError, ValueError) as e:
+            raise PolmError(f"{mf} is not a valid polm manifest ({_first_line(e)}).") from None
+        return cls(path, manifest)
+
+    @property
+    def format(self) -> str:
+        return self.manifest.format
+
+    @property
+    def stage(self) -> str:
+        return self.manifest.stage
+
+    def require_format(self, *formats: str, stage: str) -> None:
+        """Refuse an input of the wrong format before any weights are loaded."""
+        if self.format not in formats:
+            raise PolmError(
+                f"{stage} expects a checkpoint of format {' or '.join(map(repr, formats))}, but "
+                f"{self.path} has format {self.format!r} (made by {self.stage})."
+            )
+
+    def update_metrics(self, metrics: dict[str, Any], **fields: Any) -> None:
+        """Merge ``metrics`` (and set other manifest fields) with an atomic rewrite."""
+        self.manifest.metrics.update(metrics)
+        for k, v in fields.items():
+            setattr(self.manifest, k, v)
+        _write_json_atomic(self.path / MANIFEST, self.manifest.model_dump(mode="json"))
+
+    def verify(self) -> None:
+        """Raise if the files no longer match the manifest's content hash."""
+        actual = content_hash(self.path)
+        if actual != self.manifest.content_hash:
+            raise PolmError(
+                f"{self.path} was modified after it was written: content hash {actual[:12]} "
+                f"does not match the manifest's {self.manifest.content_hash[:12]}."
+            )
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, stage={self.stage!r}, format={self.format!r})"
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 over every file's relative path and bytes, the manifest excluded."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in TRACKED_LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def is_main_process() -> bool:
+    """In a multi-process (DDP) run only rank 0 writes checkpoints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class Staging:
+    """A temporary sibling directory that becomes a checkpoint on :meth:`commit`."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out).absolute()
+        self.dir = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def commit(
+        self,
+        *,
+        stage: str,
+        format: str,
+        settings: dict | BaseModel | None = None,
+        parents: list[Checkpoint] = (),
+        seed: int | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> Checkpoint:
+        if format not in FORMATS:
+            raise ValueError(f"unknown checkpoint format {format!r}")
+        if isinstance(settings, BaseModel):
+            settings = settings.model_dump(mode="json")
+        manifest = Manifest(
+            stage=stage,
+            format=format,
+            settings=settings or {},
+            seed=seed,
+            parents=[
+                Parent(path=str(p.path), content_hash=p.manifest.content_hash, stage=p.stage)
+                for p in parents
+            ],
+            versions=library_versions(),
+            content_hash=content_hash(self.dir),
+            metrics=dict(metrics or {}),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        manifest.metrics.setdefault("size_bytes", _weights_bytes(self.dir))
+        # the manifest goes in last: until it exists the directory is not a checkpoint
+        _write_json_atomic(self.dir / MANIFEST, manifest.model_dump(mode="json"))
+        _replace_dir(self.dir, self.out)
+        return Checkpoint(self.out, manifest)
+
+
+@contextmanager
+def staging(out: str | os.PathLike):
+    """Write a checkpoint atomically::
+
+        with staging(out) as st:
+            model.save_pretrained(st.dir)
+            ckpt = st.commit(stage="align.sft", format="hf", settings=s, parents=inputs)
+
+    On an exception (or without a commit) the temporary directory is removed.
+    """
+    st = Staging(Path(out))
+    st.dir.parent.mkdir(parents=True, exist_ok=True)
+    st.dir.mkdir()
+    try:
+        yield st
+    finally:
+        if st.dir.exists():
+            shutil.rmtree(st.dir, ignore_errors=True)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    trash = None
+    if dst.exists():
+        trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, trash)
+    os.rename(src, dst)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _weights_bytes(path: Path) -> int:
+    return sum(
+        f.stat().st_size
+        for f in Path(path).rglob("*")
+        if f.is_file() and f.suffix in (".safetensors", ".onnx", ".data", ".bin")
+    )
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def lineage(ckpt: Checkpoint) -> list[tuple[int, Checkpoint | Parent]]:
+    """Depth-first list of (depth, node) from ``ckpt`` back through its parents' manifests.
+
+    A parent that is no longer on disk (or changed since) is listed from the child's record.
+    """
+    out: list[tuple[int, Checkpoint | Parent]] = []
+
+    def walk(node: Checkpoint, depth: int) -> None:
+        out.append((depth, node))
+        for p in node.manifest.parents:
+            try:
+                parent = Checkpoint.open(p.path)
+            except PolmError:
+                out.append((depth + 1, p))
+                continue
+            if parent.manifest.content_hash != p.content_hash:
+                out.append((depth + 1, p))
+                continue
+            walk(parent, depth + 1)
+
+    walk(ckpt, 0)
+    return out

@@ -1,0 +1,227 @@
+"""The ``polm`` command line: a thin layer over the recipe runner and the stage functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from polm.errors import PolmError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def cmd_run(a) -> None:
+    from polm.runner import run_recipe
+
+    run_recipe(a.recipe, a.workdir, eval_n=a.eval_n)
+
+
+def cmd_validate(a) -> None:
+    from polm.recipe import load_recipe
+
+    for path in a.recipes:
+        recipe = load_recipe(path)
+        print(
+            f"{path}: ok ({len(recipe.models)} models, {len(recipe.stages)} stages: "
+            f"{' -> '.join(recipe.order()) or 'none'})"
+        )
+
+
+def cmd_stages(a) -> None:
+    from polm.registry import STAGES
+
+    width = max(map(len, STAGES))
+    for name, entry in sorted(STAGES.items()):
+        print(f"{name:<{width}}  {entry.summary}")
+
+
+def cmd_inspect(a) -> None:
+    from polm.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(a.ckpt)
+    m = ckpt.manifest
+    if a.json:
+        print(json.dumps(m.model_dump(mode="json"), indent=2))
+        return
+    c = _console()
+    c.print(f"[bold]{ckpt.path}[/bold]")
+    c.print(
+        f"  stage         {m.stage}\n  format        {m.format}\n"
+        f"  content hash  {m.content_hash}\n  seed          {m.seed}\n  created       {m.created}"
+    )
+    for p in m.parents:
+        c.print(f"  parent        {p.path} ({p.stage}, {p.content_hash[:12]})")
+    c.print("  settings      " + json.dumps(m.settings, sort_keys=True))
+    for k, v in sorted(m.metrics.items()):
+        c.print(f"  {k:<28} {v:.4g}" if isinstance(v, float) else f"  {k:<28} {v}")
+    c.print("  versions      " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+
+
+def cmd_lineage(a) -> None:
+    from polm.checkpoint import Checkpoint, lineage
+
+    for depth, node in lineage(Checkpoint.open(a.ckpt)):
+        pad = "    " * depth + ("└── " if depth else "")
+        if isinstance(node, Checkpoint):
+            m = node.manifest
+            acc = ", ".join(
+                f"{k.split('.')[1]} {v:.1%}"
+                for k, v in sorted(m.metrics.items())
+                if k.startswith("eval.") and k.endswith(".accuracy")
+            )
+            src = f" <- {m.settings['source']}" if m.stage == "import" else ""
+            print(
+                f"{pad}{m.stage} [{m.format}] {node.path} {m.content_hash[:12]}{src}"
+                f"{f'  ({acc})' if acc else ''}"
+            )
+        else:
+            print(f"{pad}{node.stage} {node.path} {node.content_hash[:12]} (missing or changed)")
+
+
+def cmd_eval(a) -> None:
+    from polm.checkpoint import Checkpoint
+    from polm.evaluate import evaluate_checkpoint
+
+    ckpt = Checkpoint.open(a.ckpt)
+    metrics = evaluate_checkpoint(ckpt, a.task, n=a.n)
+    ckpt.update_metrics(metrics)
+    if a.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:<28} {v:.4f}" if isinstance(v, float) else f"{k:<28} {v}")
+
+
+def cmd_import(a) -> None:
+    from polm.importer import import_model
+
+    ckpt = import_model(a.src, a.out, allow_pickle=a.allow_pickle)
+    print(f"imported {a.src} -> {ckpt.path} ({ckpt.manifest.content_hash[:12]})")
+
+
+def cmd_report(a) -> None:
+    from polm.runner import summary_table
+
+    f = Path(a.run_dir) / "report.json"
+    if not f.is_file():
+        raise PolmError(f"{a.run_dir} has no report.json: run a recipe with `polm run` first.")
+    report = json.loads(f.read_text())
+    _console().print(summary_table(report["name"], report["stages"], report["eval"]))
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    values = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise PolmError(f"--set expects key=value, got {pair!r}.")
+        k, v = pair.split("=", 1)
+        values[k.strip()] = yaml.safe_load(v)
+    return values
+
+
+def cmd_stage(a) -> None:
+    from polm.checkpoint import Checkpoint
+    from polm.runner import run_stage
+    from polm.settings import parse_settings
+
+    values = {}
+    if a.config:
+        values = yaml.safe_load(Path(a.config).read_text()) or {}
+        if not isinstance(values, dict):
+            raise PolmError(f"{a.config}: expected a mapping of settings.")
+    values.update(_parse_sets(a.set))
+    settings = parse_settings(a.stage, values)  # validate before touching any checkpoint
+    inputs = [Checkpoint.open(p) for p in a.inputs]
+    ckpt = run_stage(a.stage, inputs, settings, Path(a.out), a.nproc)
+    print(f"{a.stage} -> {ckpt.path} ({ckpt.manifest.content_hash[:12]})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from polm.registry import STAGES
+
+    p = argparse.ArgumentParser(
+        prog="polm",
+        description="polm: post-training for language "
+        "models, one recipe from alignment to serving.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run a recipe")
+    s.add_argument("recipe")
+    s.add_argument("--workdir", help="output directory (default runs/<name>)")
+    s.add_argument("--eval-n", type=int, help="evaluate on the first N test examples only")
+    s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("validate", help="check recipes without running them")
+    s.add_argument("recipes", nargs="+")
+    s.set_defaults(fn=cmd_validate)
+    sub.add_parser("stages", help="list the registered stages").set_defaults(fn=cmd_stages)
+    s = sub.add_parser("inspect", help="show a checkpoint's manifest")
+    s.add_argument("ckpt")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_inspect)
+    s = sub.add_parser("lineage", help="print the tree of checkpoints a checkpoint came from")
+    s.add_argument("ckpt")
+    s.set_defaults(fn=cmd_lineage)
+    s = sub.add_parser("eval", help="evaluate a checkpoint; results go into its manifest")
+    s.add_argument("ckpt")
+    s.add_argument("--task", action="append", required=True, help="task name (repeatable)")
+    s.add_argument("--n", type=int, help="first N test examples only")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+    s = sub.add_parser("import", help="import builtin:NAME, an HF directory or a .gguf file")
+    s.add_argument("src")
+    s.add_argument("--out", required=True)
+    s.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickle (.bin/.pt) weights; loaded with weights_only=True",
+    )
+    s.set_defaults(fn=cmd_import)
+    s = sub.add_parser("report", help="print the summary table of a run directory")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=cmd_report)
+
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, entry in sorted(STAGES.items()):
+        group, stage = name.split(".", 1)
+        if group not in groups:
+            g = sub.add_parser(group, help=f"run one {group} stage")
+            groups[group] = g.add_subparsers(dest="stage_name", required=True, metavar="STAGE")
+        s = groups[group].add_parser(stage, help=entry.summary)
+        s.add_argument("--from", dest="inputs", nargs="+", required=True, metavar="CKPT")
+        s.add_argument("--out", required=True)
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        s.add_argument("--config", help="YAML file of settings (--set overrides)")
+        s.add_argument(
+            "--nproc",
+            type=int,
+            default=1,
+            help="processes (DDP; gloo on CPU)" if entry.trains else argparse.SUPPRESS,
+        )
+        s.set_defaults(fn=cmd_stage, stage=name)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except PolmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Opening every checkpoint format for evaluation and serving.
+
+Loading is part of the checkpoint contract, so it lives in the spine: a stage that adds a
+format adds its loader here, and evaluation and serving call :func:`load_model` without
+importing the stage that wrote the checkpoint. Loads are safetensors-only and never run remote
+code.
+"""
+
+from __future__ import annotations
+
+from polm.checkpoint import Checkpoint
+from polm.errors import PolmError
+
+
+def load_tokenizer(path):
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg = Path(path) / "tokenizer_config.json"
+    cls = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.is_file() else None
+    try:
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            # a plain tokenizer.json (polm's own): AutoTokenizer would pick the model type's
+            # class instead (Qwen2's adds a token), so load it exactly as saved
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise PolmError(f"cannot load the tokenizer of {path}: {e}") from None
+
+
+def _load_hf(path, dtype=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=False, use_safetensors=True, dtype=dtype or torch.float32
+        )
+    except (OSError, ValueError) as e:
+        raise PolmError(
+            f"cannot load the model in {path} as a Hugging Face causal LM with "
+            f"safetensors weights: {e}"
+        ) from None
+
+
+def _load_peft_adapter(ckpt: Checkpoint, dtype=None):
+    from peft import PeftModel
+
+    if not ckpt.manifest.parents:
+        raise PolmError(f"{ckpt.path} is a PEFT adapter whose manifest names no base model.")
+    base_ref = ckpt.manifest.parents[0]
+    base = Checkpoint.open(base_ref.path)
+    if base.manifest.content_hash != base_ref.content_hash:
+        raise PolmError(
+            f"the base model of adapter {ckpt.path} changed since the adapter was "
+            f"trained ({base.path}); re-run the stage that made it."
+        )
+    model, _ = load_model(base, dtype)
+    return PeftModel.from_pretrained(model, ckpt.path, is_trainable=False)
+
+
+def load_model(ckpt: Checkpoint | str, dtype=None):
+    """Return ``(model, tokenizer)`` for a checkpoint of any format polm knows."""
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = Checkpoint.open(ckpt)
+    if ckpt.format == "hf":
+        model = _load_hf(ckpt.path, dtype)
+    elif ckpt.format == "peft-adapter":
+        model = _load_peft_adapter(ckpt, dtype)
+    else:
+        raise PolmError(
+            f"{ckpt.path} has format {ckpt.format!r}, which this version of polm "
+            "cannot load yet (it loads: hf, peft-adapter)."
+        )
+    model.eval()
+    return model, load_tokenizer(ckpt.path)

@@ -1,0 +1,56 @@
+"""The flat stage registry: dotted name -> where its function and settings live.
+
+Entries are ``"module:attribute"`` strings imported on use, so that listing stages, validating
+a recipe or serving a model never imports a training library.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+
+from polm.errors import PolmError
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    run: str  # "module:function" with signature run(inputs, settings, out) -> Checkpoint
+    settings: str  # "module:Class", a pydantic model with extra="forbid"
+    summary: str  # one line for `polm stages`
+    trains: bool = False  # accepts --nproc (runs under accelerate / torch.distributed)
+
+
+STAGES: dict[str, StageEntry] = {
+    "align.sft": StageEntry(
+        "align.sft:run",
+        "align.sft:SFTSettings",
+        "supervised fine-tuning: full, LoRA, prefix or prompt tuning; instruction data with "
+        "assistant-only loss, or continued pretraining on plain text",
+        trains=True,
+    ),
+}
+
+
+def get_stage(name: str) -> StageEntry:
+    try:
+        return STAGES[name]
+    except KeyError:
+        hint = difflib.get_close_matches(name, STAGES, n=1)
+        raise PolmError(
+            f"unknown stage {name!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+            f"the known stages are: {', '.join(sorted(STAGES))}."
+        ) from None
+
+
+def _resolve(ref: str):
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def stage_function(name: str):
+    return _resolve(get_stage(name).run)
+
+
+def settings_class(name: str):
+    return _resolve(get_stage(name).settings)

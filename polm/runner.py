@@ -1,0 +1,217 @@
+"""``polm run``: execute a recipe stage by stage, skip what is already done, evaluate every output.
+
+Each stage's *input hash* covers its stage name, its full settings (defaults included) and its
+inputs' content hashes. A stage whose output manifest carries the same input hash is skipped;
+a changed setting changes that hash and, through the new output's content hash, the hashes of
+everything downstream, so exactly the changed stage and its descendants re-run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from polm.checkpoint import Checkpoint
+from polm.errors import PolmError
+from polm.recipe import Recipe, load_recipe
+
+
+@dataclass
+class StageResult:
+    id: str
+    uses: str
+    status: str  # "ran" or "cached"
+    wall_s: float
+    checkpoint: Checkpoint
+    metrics: dict = field(default_factory=dict)
+
+
+def input_hash(stage: str, settings: dict, inputs: list[Checkpoint]) -> str:
+    blob = json.dumps(
+        {"stage": stage, "settings": settings, "inputs": [c.manifest.content_hash for c in inputs]},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def finished(out: Path, ihash: str) -> Checkpoint | None:
+    """The checkpoint at ``out`` if it is whole and was made from exactly these inputs."""
+    try:
+        ckpt = Checkpoint.open(out)
+    except PolmError:
+        return None
+    return ckpt if ckpt.manifest.input_hash == ihash else None
+
+
+def clean_stale(out: Path) -> None:
+    """Remove temporary siblings left by an interrupted write of ``out``."""
+    for tmp in out.parent.glob(f".{out.name}.*"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def run_stage(uses: str, inputs: list[Checkpoint], settings, out: Path, nproc: int = 1):
+    from polm.registry import stage_function
+
+    if nproc > 1:
+        from polm.launch import launch
+
+        return launch(uses, inputs, settings, out, nproc)
+    return stage_function(uses)(inputs, settings, out)
+
+
+class _Lock:
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.fh = open(root / ".lock", "w")
+
+    def __enter__(self):
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PolmError(
+                f"another `polm run` is using {Path(self.fh.name).parent}; wait "
+                "for it to finish or choose another --workdir."
+            ) from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def run_recipe(
+    path: str | Path, workdir: str | Path | None = None, console=None, eval_n: int | None = None
+) -> list[StageResult]:
+    """Run every stage of the recipe at ``path``; return one result per model and stage."""
+    from rich.console import Console
+
+    from polm.evaluate import evaluate_checkpoint
+    from polm.importer import import_model, source_fingerprint
+
+    console = console or Console(stderr=True)
+    recipe = load_recipe(path)
+    root = Path(workdir) if workdir else Path("runs") / recipe.name
+    results: list[StageResult] = []
+    ckpts: dict[str, Checkpoint] = {}
+
+    def finish(sid: str, uses: str, out: Path, ihash: str, make) -> None:
+        done = finished(out, ihash)
+        if done is not None:
+            console.print(f"[dim]= {sid}: unchanged, skipped ({out})[/dim]")
+            results.append(
+                StageResult(
+                    sid,
+                    uses,
+                    "cached",
+                    done.manifest.metrics.get("wall_s", 0),
+                    done,
+                    done.manifest.metrics,
+                )
+            )
+            ckpts[sid] = done
+            return
+        clean_stale(out)
+        console.rule(f"[bold]{sid}[/bold] ({uses})")
+        t0 = time.perf_counter()
+        ckpt = make()
+        wall = time.perf_counter() - t0
+        with console.status(f"evaluating {sid} on {', '.join(recipe.eval) or 'perplexity'}"):
+            metrics = evaluate_checkpoint(ckpt, recipe.eval, n=eval_n)
+        metrics["wall_s"] = round(wall, 2)
+        ckpt.update_metrics(metrics, input_hash=ihash)
+        results.append(StageResult(sid, uses, "ran", wall, ckpt, ckpt.manifest.metrics))
+        ckpts[sid] = ckpt
+
+    with _Lock(root):
+        for name, source in recipe.models.items():
+            ihash = hashlib.sha256(f"import\0{source_fingerprint(source)}".encode()).hexdigest()
+            finish(
+                name,
+                "import",
+                root / "models" / name,
+                ihash,
+                lambda s=source, n=name: import_model(s, root / "models" / n),
+            )
+        for sid in recipe.order():
+            spec, settings = recipe.stages[sid], recipe.settings[sid]
+            inputs = [ckpts[s] for s in spec.from_]
+            ihash = input_hash(spec.uses, settings.model_dump(mode="json"), inputs)
+            finish(
+                sid,
+                spec.uses,
+                root / sid,
+                ihash,
+                lambda sp=spec, st=settings, i=inputs, s=sid: run_stage(
+                    sp.uses, i, st, root / s, sp.nproc
+                ),
+            )
+        write_report(recipe, root, results)
+    Console().print(summary_table(recipe.name, results, recipe.eval))  # the result: stdout
+    return results
+
+
+def write_report(recipe: Recipe, root: Path, results: list[StageResult]) -> None:
+    rows = [
+        {
+            "id": r.id,
+            "uses": r.uses,
+            "status": r.status,
+            "wall_s": round(r.wall_s, 2),
+            "path": str(r.checkpoint.path),
+            "content_hash": r.checkpoint.manifest.content_hash,
+            "metrics": r.metrics,
+        }
+        for r in results
+    ]
+    report = {"name": recipe.name, "eval": recipe.eval, "stages": rows}
+    (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def summary_table(name: str, results, tasks: list[str]):
+    """A rich table: stage, status, wall time, eval metrics (``results`` may be report rows)."""
+    from rich.table import Table
+
+    table = Table(title=f"polm run {name}")
+    for col in (
+        "stage",
+        "uses",
+        "status",
+        "wall s",
+        *[f"{t} acc" for t in tasks],
+        "ppl",
+        "params",
+        "MB",
+    ):
+        table.add_column(col, justify="left" if col in ("stage", "uses", "status") else "right")
+    for r in results:
+        r = (
+            r
+            if isinstance(r, dict)
+            else {
+                "id": r.id,
+                "uses": r.uses,
+                "status": r.status,
+                "wall_s": r.wall_s,
+                "metrics": r.metrics,
+            }
+        )
+        m = r["metrics"]
+        accs = [
+            f"{m[f'eval.{t}.accuracy']:.1%}" if f"eval.{t}.accuracy" in m else "-" for t in tasks
+        ]
+        table.add_row(
+            r["id"],
+            r["uses"],
+            r["status"],
+            f"{r['wall_s']:.1f}",
+            *accs,
+            f"{m['perplexity']:.3f}" if "perplexity" in m else "-",
+            f"{m.get('params', 0) / 1e6:.2f}M",
+            f"{m.get('size_bytes', 0) / 2**20:.1f}",
+        )
+    return table

@@ -1,0 +1,42 @@
+"""Strict settings for stages: unknown or mistyped fields fail before any work starts, with a
+message that names the stage, the field and what was expected."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from polm.errors import PolmError
+from polm.registry import settings_class
+
+
+class StageSettings(BaseModel):
+    """Base for every stage's settings: ``extra="forbid"``, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_settings(stage: str, values: dict[str, Any], where: str | None = None) -> StageSettings:
+    """Validate ``values`` against ``stage``'s settings; raise one clear PolmError otherwise."""
+    cls = settings_class(stage)
+    try:
+        return cls.model_validate(values)
+    except ValidationError as e:
+        raise PolmError(format_validation_error(e, cls, f"{where or 'stage'} ({stage})")) from None
+
+
+def format_validation_error(e: ValidationError, cls: type[BaseModel], where: str) -> str:
+    problems = []
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"]) or "(settings)"
+        if err["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(str(err["loc"][0]), cls.model_fields, n=1)
+            problems.append(
+                f"unknown field {field!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                f"known fields: {', '.join(cls.model_fields)}"
+            )
+        else:
+            problems.append(f"field {field!r}: {err['msg']} (got {err.get('input')!r})")
+    return f"{where}: " + "; ".join(problems) + "."

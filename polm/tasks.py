@@ -1,0 +1,186 @@
+"""Synthetic tasks with verifiable answers, rendered in TRL's dataset formats.
+
+Every task has fixed ``train`` and ``test`` splits (disjoint, generated from a fixed seed, so
+everyone sees the same examples), a scorer, and renderings as TRL expects them:
+``messages`` (conversational language modeling), ``prompt``/``completion`` (conversational
+prompt-completion) and ``prompt`` + ``answer`` (for reward functions, as in GRPO).
+
+``add`` answers with a per-digit scratchpad, least significant digit first, each step
+written as ``a+b+carry=two-digit sum``, then ``=> sum``::
+
+    user:      57+468
+    assistant: 7+8+0=15 5+6+1=12 0+4+1=05 => 525
+
+Natural-format multi-digit addition is slow for small transformers to learn and plateaus on
+operands of different lengths; a scratchpad makes every step local (Nye et al., "Show Your
+Work", arXiv 2112.00114). The scorer checks only the final answer after ``=>``, as GSM8K
+scorers check the text after ``####``.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+from polm.errors import PolmError
+
+SPLIT_SEEDS = {"train": 1, "test": 2}
+TRAIN_SIZE = 20_000
+TEST_SIZE = 500
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str  # the reference completion
+    target: str  # what the scorer compares against
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    sample: Callable[[random.Random], Example]
+    extract: Callable[[str], str]
+
+    def examples(self, split: str, n: int | None = None) -> list[Example]:
+        """The task's fixed split (``train`` or ``test``), optionally its first ``n`` examples."""
+        if split not in SPLIT_SEEDS:
+            raise PolmError(f"unknown split {split!r} of task {self.name!r}; use 'train' or 'test'")
+        data = _split(self.name, split)
+        return list(data if n is None else data[:n])
+
+    def score(self, completion: str, example: Example) -> float:
+        """1.0 when the completion's final answer equals the reference, else 0.0."""
+        return float(self.extract(completion) == example.target)
+
+
+# --- add -----------------------------------------------------------------------------------
+
+ADD_DIGITS = 3
+
+
+def _number(rng: random.Random, max_digits: int) -> int:
+    digits = rng.randint(1, max_digits)
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    return rng.randint(low, 10**digits - 1)
+
+
+def add_scratchpad(a: int, b: int, width: int = ADD_DIGITS) -> str:
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    carry, steps = 0, []
+    for x, y in zip(da, db):
+        s = int(x) + int(y) + carry
+        steps.append(f"{x}+{y}+{carry}={s:02d}")
+        carry = s // 10
+    return " ".join(steps) + f" => {a + b}"
+
+
+def _sample_add(rng: random.Random) -> Example:
+    a, b = _number(rng, ADD_DIGITS), _number(rng, ADD_DIGITS)
+    return Example(prompt=f"{a}+{b}", answer=add_scratchpad(a, b), target=str(a + b))
+
+
+def _final_answer(completion: str) -> str:
+    return completion.rsplit("=>", 1)[-1].strip() if "=>" in completion else completion.strip()
+
+
+# --- reverse -------------------------------------------------------------------------------
+
+
+def _sample_reverse(rng: random.Random) -> Example:
+    word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8)))
+    return Example(prompt=f"reverse {word}", answer=word[::-1], target=word[::-1])
+
+
+TASKS: dict[str, Task] = {
+    "add": Task(
+        "add",
+        "integer addition, operands up to 3 digits, per-digit scratchpad answer",
+        _sample_add,
+        _final_answer,
+    ),
+    "reverse": Task(
+        "reverse", "reverse a lowercase word of 3-8 letters", _sample_reverse, str.strip
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise PolmError(
+            f"unknown task {name!r}; the built-in tasks are: {', '.join(sorted(TASKS))}"
+        ) from None
+
+
+def validate_task_names(value: str | list[str] | None) -> str | list[str] | None:
+    """For settings validators: unknown task names are a ValueError naming the known ones."""
+    for name in [value] if isinstance(value, str) else value or []:
+        if name not in TASKS:
+            raise ValueError(
+                f"unknown task {name!r}; the built-in tasks are: {', '.join(sorted(TASKS))}"
+            )
+    return value
+
+
+@cache
+def _split(name: str, split: str) -> tuple[Example, ...]:
+    """Sample both splits together so that no test prompt appears in train."""
+    task = TASKS[name]
+    rng = random.Random(f"polm-task-{name}")
+    seen: set[str] = set()
+    out: dict[str, list[Example]] = {"test": [], "train": []}
+    for part, size in (("test", TEST_SIZE), ("train", TRAIN_SIZE)):
+        tries = 0
+        while len(out[part]) < size and tries < size * 50:
+            tries += 1
+            ex = task.sample(rng)
+            if ex.prompt not in seen:
+                seen.add(ex.prompt)
+                out[part].append(ex)
+    return tuple(out[split])
+
+
+# --- renderings in TRL's formats -----------------------------------------------------------
+
+
+def to_messages(ex: Example) -> dict:
+    """TRL conversational language-modeling format."""
+    return {
+        "messages": [
+            {"role": "user", "content": ex.prompt},
+            {"role": "assistant", "content": ex.answer},
+        ]
+    }
+
+
+def to_prompt_completion(ex: Example) -> dict:
+    """TRL conversational prompt-completion format."""
+    return {
+        "prompt": [{"role": "user", "content": ex.prompt}],
+        "completion": [{"role": "assistant", "content": ex.answer}],
+    }
+
+
+def to_prompt_only(ex: Example) -> dict:
+    """TRL prompt-only format plus the reference answer, for reward functions (GRPO)."""
+    return {"prompt": [{"role": "user", "content": ex.prompt}], "answer": ex.target}
+
+
+RENDERINGS = {
+    "messages": to_messages,
+    "prompt_completion": to_prompt_completion,
+    "prompt_only": to_prompt_only,
+}
+
+
+def render(task: str, split: str, fmt: str = "messages", n: int | None = None) -> list[dict]:
+    """A built-in task split rendered in one of TRL's formats (see ``RENDERINGS``)."""
+    if fmt not in RENDERINGS:
+        raise PolmError(f"unknown dataset format {fmt!r}; choose one of {sorted(RENDERINGS)}")
+    return [RENDERINGS[fmt](ex) for ex in get_task(task).examples(split, n)]

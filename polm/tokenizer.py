@@ -1,0 +1,70 @@
+"""The built-in offline tokenizer: byte-level BPE with single-digit tokens and a chat template.
+
+Digits are always split one per token (as in LLaMA and GPT-4's pre-tokenizers) so that
+arithmetic tasks see one token per digit. The BPE merges are learned deterministically from
+polm's synthetic corpus, so the tokenizer is rebuilt bit for bit from code; nothing is
+downloaded. The chat template wraps assistant turns in ``{% generation %}`` so that TRL's
+``assistant_only_loss`` can mask everything but the assistant's answer.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
+ROLES = ("system", "user", "assistant")
+SPECIAL_TOKENS = [PAD, BOS, EOS] + [f"<|{role}|>" for role in ROLES]
+VOCAB_SIZE = 384
+
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|assistant|>\\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|end|>' -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+
+
+def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = VOCAB_SIZE):
+    """Train the byte-level BPE on ``corpus`` (default: polm's synthetic corpus).
+
+    Returns a ``transformers`` fast tokenizer with the chat template and special tokens set.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if corpus is None:
+        from polm.corpus import tokenizer_corpus
+
+        corpus = tokenizer_corpus()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[f"<|{role}|>" for role in ROLES],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=512,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )

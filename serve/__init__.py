@@ -1,0 +1,1 @@
+"""Serving (BentoML service on vLLM / ONNX Runtime GenAI / transformers): not yet implemented."""

@@ -1,0 +1,178 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align.sft import SFTSettings, run
+from polm.checkpoint import Checkpoint, staging
+from polm.errors import PolmError
+from polm.evaluate import evaluate_checkpoint
+from polm.loading import load_model
+
+# Budgets are in steps, not seconds. Thresholds fail if training does nothing: the base
+# model scores <= 5% on add (tests/polm/test_eval.py).
+FULL_STEPS, LORA_STEPS = 200, 300
+
+
+def sft(inputs, out, **kw):
+    kw.setdefault("logging_steps", 10)
+    return run(inputs, SFTSettings(**kw), out)
+
+
+@pytest.fixture(scope="module")
+def full_sft(base_ckpt, tmp_path_factory):
+    return sft(
+        [base_ckpt], tmp_path_factory.mktemp("sft") / "full", task="add", max_steps=FULL_STEPS
+    )
+
+
+def _state(ckpt):
+    model, _ = load_model(ckpt)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_full_sft_learns_addition_and_changes_every_weight(full_sft, base_ckpt):
+    m = evaluate_checkpoint(full_sft, ["add"], n=200)
+    assert m["eval.add.accuracy"] >= 0.6, m
+    man = full_sft.manifest
+    assert man.stage == "align.sft" and man.format == "hf"
+    assert man.parents[0].content_hash == base_ckpt.manifest.content_hash
+    assert man.metrics["train.steps"] == FULL_STEPS
+    assert man.metrics["train.last_loss"] < man.metrics["train.first_loss"] / 5
+    before, after = _state(base_ckpt), _state(full_sft)
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged
+
+
+@pytest.mark.slow
+def test_lora_sft_learns_addition_and_merges(base_ckpt, tmp_path):
+    ckpt = sft(
+        [base_ckpt],
+        tmp_path / "lora",
+        task="add",
+        method="lora",
+        learning_rate=5e-3,
+        max_steps=LORA_STEPS,
+    )
+    assert ckpt.format == "hf" and not (ckpt.path / "adapter_config.json").exists()
+    assert ckpt.manifest.metrics["train.trainable_params"] < 0.25 * 1_033_344
+    m = evaluate_checkpoint(ckpt, ["add"], n=200)
+    assert m["eval.add.accuracy"] >= 0.4, m
+
+
+def test_lora_adapter_output_loads_on_its_base(base_ckpt, tmp_path):
+    ckpt = sft(
+        [base_ckpt],
+        tmp_path / "adapter",
+        task="add",
+        method="lora",
+        output_format="peft-adapter",
+        learning_rate=5e-3,
+        max_steps=20,
+    )
+    assert ckpt.format == "peft-adapter"
+    assert (ckpt.path / "adapter_model.safetensors").is_file()
+    assert not (ckpt.path / "model.safetensors").exists()
+    model, tok = load_model(ckpt)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    assert evaluate_checkpoint(ckpt, ["add"], n=16)["eval.add.n"] == 16
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prefix_and_prompt_tuning_train_virtual_tokens(method, base_ckpt, tmp_path):
+    ckpt = sft(
+        [base_ckpt],
+        tmp_path / method,
+        task="reverse",
+        method=method,
+        num_virtual_tokens=8,
+        learning_rate=1e-2,
+        max_steps=20,
+    )
+    assert ckpt.format == "peft-adapter"
+    cfg = json.loads((ckpt.path / "adapter_config.json").read_text())
+    assert cfg["num_virtual_tokens"] == 8
+    assert ckpt.manifest.metrics["train.trainable_params"] < 50_000
+    assert "eval.reverse.accuracy" in evaluate_checkpoint(ckpt, ["reverse"], n=16)
+
+
+def test_prefix_cannot_be_merged():
+    with pytest.raises(ValueError, match="cannot be merged"):
+        SFTSettings(task="add", method="prefix", output_format="hf")
+
+
+def test_same_seed_gives_identical_bytes(base_ckpt, tmp_path):
+    a = sft([base_ckpt], tmp_path / "a", task="add", max_steps=15, seed=1)
+    b = sft([base_ckpt], tmp_path / "b", task="add", max_steps=15, seed=1)
+    c = sft([base_ckpt], tmp_path / "c", task="add", max_steps=15, seed=2)
+    assert a.manifest.content_hash == b.manifest.content_hash
+    assert a.manifest.content_hash != c.manifest.content_hash
+
+
+def test_continued_pretraining_on_plain_text_lowers_perplexity(full_sft, tmp_path):
+    before = evaluate_checkpoint(full_sft, [])["perplexity"]
+    ckpt = sft([full_sft], tmp_path / "cpt", dataset="builtin:prose", n_train=2000, max_steps=40)
+    after = evaluate_checkpoint(ckpt, [])["perplexity"]
+    assert after < before * 0.7, (before, after)
+
+
+def test_user_jsonl_dataset_in_prompt_completion_format(base_ckpt, tmp_path):
+    f = tmp_path / "data.jsonl"
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"double {i}"}],
+            "completion": [{"role": "assistant", "content": str(2 * i)}],
+        }
+        for i in range(64)
+    ]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    ckpt = sft([base_ckpt], tmp_path / "out", dataset=str(f), max_steps=4)
+    assert ckpt.manifest.settings["dataset"] == str(f)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "a"}))
+    with pytest.raises(PolmError, match="columns.*expected one of the TRL formats"):
+        sft([base_ckpt], tmp_path / "bad", dataset=str(bad), max_steps=1)
+
+
+def test_refuses_a_wrong_format_before_loading_weights(tmp_path):
+    with staging(tmp_path / "gptq") as st:  # no weights at all: a load would fail differently
+        (st.dir / "config.json").write_text("{}")
+        fake = st.commit(stage="optimize.gptq", format="gptq")
+    with pytest.raises(PolmError, match="align.sft expects a checkpoint of format 'hf'"):
+        sft([Checkpoint.open(fake.path)], tmp_path / "out", task="add", max_steps=1)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_ddp_on_cpu(base_ckpt, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polm.cli",
+            "align",
+            "sft",
+            "--from",
+            str(base_ckpt.path),
+            "--out",
+            str(tmp_path / "ddp"),
+            "--nproc",
+            "2",
+            "--set",
+            "task=add",
+            "--set",
+            "max_steps=6",
+            "--set",
+            "per_device_train_batch_size=8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = Checkpoint.open(tmp_path / "ddp")
+    # a step of 2 processes x 8 sequences: the trainer saw world size 2
+    assert ckpt.manifest.metrics["train.world_size"] == 2
+    assert evaluate_checkpoint(ckpt, ["add"], n=8)["eval.add.n"] == 8

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny real models built by polm itself; nothing is downloaded."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(tmp_path_factory):
+    """builtin:tiny-base imported once per session (read-only for tests)."""
+    from polm.importer import import_model
+
+    return import_model("builtin:tiny-base", tmp_path_factory.mktemp("models") / "base")
+
+
+@pytest.fixture
+def base_copy(base_ckpt, tmp_path):
+    """A private copy of the base checkpoint, for tests that modify it."""
+    from polm.checkpoint import Checkpoint
+
+    shutil.copytree(base_ckpt.path, tmp_path / "base")
+    return Checkpoint.open(tmp_path / "base")
+
+
+def polm_cli(*args, cwd=None, timeout=600):
+    """Run the real `polm` command line in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "polm.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+
+
+REPO = Path(__file__).resolve().parents[1]

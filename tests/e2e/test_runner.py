@@ -1,0 +1,119 @@
+"""Whole recipes through the real `polm run`: skipping, re-running, and surviving SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from polm.checkpoint import MANIFEST, Checkpoint
+from tests.conftest import polm_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def _recipe(tmp_path, sft_steps=12, dpo_like_steps=8, name="e2e"):
+    raw = {
+        "name": name,
+        "seed": 0,
+        "models": {"base": "builtin:tiny-base"},
+        "eval": ["add"],
+        "stages": {
+            "sft": {
+                "uses": "align.sft",
+                "from": "base",
+                "with": {"task": "add", "max_steps": sft_steps},
+            },
+            "more": {
+                "uses": "align.sft",
+                "from": "sft",
+                "with": {"task": "add", "max_steps": dpo_like_steps},
+            },
+            "side": {
+                "uses": "align.sft",
+                "from": "base",
+                "with": {"task": "reverse", "max_steps": 4},
+            },
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _run(recipe, workdir):
+    proc = polm_cli("run", recipe, "--workdir", workdir, "--eval-n", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _statuses(workdir):
+    import json
+
+    report = json.loads((workdir / "report.json").read_text())
+    return {row["id"]: row["status"] for row in report["stages"]}
+
+
+def test_rerun_skips_and_a_change_reruns_only_descendants(tmp_path):
+    recipe, work = _recipe(tmp_path), tmp_path / "run"
+    first = _run(recipe, work)
+    assert _statuses(work) == {"base": "ran", "sft": "ran", "more": "ran", "side": "ran"}
+    assert "polm run e2e" in first.stdout and "add acc" in first.stdout
+    for sid in ("sft", "more", "side"):
+        m = Checkpoint.open(work / sid).manifest
+        assert "eval.add.accuracy" in m.metrics and m.input_hash
+
+    t0 = time.perf_counter()
+    _run(recipe, work)
+    assert time.perf_counter() - t0 < 60  # generous here; the note records the real figure
+    assert set(_statuses(work).values()) == {"cached"}
+
+    _run(_recipe(tmp_path, sft_steps=13), work)
+    assert _statuses(work) == {"base": "cached", "sft": "ran", "more": "ran", "side": "cached"}
+    lineage = polm_cli("lineage", work / "more")
+    assert lineage.returncode == 0 and lineage.stdout.count("\n") == 3
+
+
+def test_sigkill_mid_stage_then_rerun_completes(tmp_path):
+    recipe, work = _recipe(tmp_path, sft_steps=400, name="killed"), tmp_path / "run"
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "polm.cli",
+            "run",
+            str(recipe),
+            "--workdir",
+            str(work),
+            "--eval-n",
+            "16",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    # wait until the sft stage has logged a training loss, then kill the whole process group
+    for line in proc.stdout:
+        if "'loss'" in line:
+            break
+    else:
+        pytest.fail("polm run ended before it could be killed")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (work / "sft" / MANIFEST).exists()
+    # the stage's scratch space is left, under a name no one takes as a stage output
+    assert list(work.glob(".sft.*"))
+
+    # a half checkpoint in place of "sft" (no manifest) must not be used as an input either
+    (work / "sft").mkdir()
+    (work / "sft" / "model.safetensors").write_bytes(b"half")
+    _run(_recipe(tmp_path, sft_steps=20, name="killed"), work)
+    assert _statuses(work)["sft"] == "ran"
+    assert Checkpoint.open(work / "sft").manifest.metrics["train.steps"] == 20
+    assert not list(work.glob(".sft.*"))

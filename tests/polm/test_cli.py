@@ -1,0 +1,92 @@
+"""Bad input: one clear paragraph on stderr, exit code 2, never a traceback."""
+
+import shutil
+
+import pytest
+import yaml
+
+from tests.conftest import polm_cli
+
+
+def _recipe(tmp_path, **stage_changes):
+    stage = {"uses": "align.sft", "from": "base", "with": {"task": "add"}, **stage_changes}
+    raw = {"name": "bad", "models": {"base": "builtin:tiny-base"}, "stages": {"sft": stage}}
+    p = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _assert_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_recipes_exit_2_with_one_paragraph(tmp_path):
+    cases = [
+        (_recipe(tmp_path, uses="align.nope"), ["unknown stage 'align.nope'", "align.sft"]),
+        (
+            _recipe(tmp_path, **{"with": {"task": "add", "epoch": 2}}),
+            ["stage 'sft' (align.sft)", "unknown field 'epoch'"],
+        ),
+        (_recipe(tmp_path, **{"from": "basse"}), ["'from' names 'basse'", "did you mean 'base'"]),
+        (_recipe(tmp_path, **{"with": {"task": "multiply"}}), ["unknown task 'multiply'"]),
+    ]
+    for path, needles in cases:
+        _assert_clean_error(polm_cli("validate", path), *needles)
+        path.unlink()
+
+
+def test_cycle_is_reported(tmp_path):
+    raw = {
+        "name": "c",
+        "models": {"base": "builtin:tiny-base"},
+        "stages": {
+            "x": {"uses": "align.sft", "from": "y", "with": {"task": "add"}},
+            "y": {"uses": "align.sft", "from": "x", "with": {"task": "add"}},
+        },
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    _assert_clean_error(polm_cli("run", tmp_path / "c.yaml", "--workdir", tmp_path / "w"), "cycle")
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_checkpoints_and_models(tmp_path, base_ckpt):
+    d = tmp_path / "pickled"
+    shutil.copytree(base_ckpt.path, d)
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    _assert_clean_error(polm_cli("import", d, "--out", tmp_path / "o"), "--allow-pickle")
+    c = tmp_path / "corrupt"
+    shutil.copytree(base_ckpt.path, c)
+    (c / "polm.json").unlink()
+    (c / "model.safetensors").write_bytes(b"\x00" * 10)
+    _assert_clean_error(polm_cli("import", c, "--out", tmp_path / "o"), "not a valid safetensors")
+    _assert_clean_error(polm_cli("eval", tmp_path, "--task", "add"), "not a polm checkpoint")
+    _assert_clean_error(polm_cli("eval", base_ckpt.path, "--task", "nope"), "unknown task 'nope'")
+    _assert_clean_error(
+        polm_cli(
+            "align",
+            "sft",
+            "--from",
+            base_ckpt.path,
+            "--out",
+            tmp_path / "o",
+            "--set",
+            "task=add",
+            "--set",
+            "method=qlora",
+        ),
+        "field 'method'",
+        "qlora",
+    )
+
+
+@pytest.mark.parametrize("cmd", [["stages"], ["--help"]])
+def test_listing_commands(cmd):
+    proc = polm_cli(*cmd)
+    assert proc.returncode == 0
+    if cmd == ["stages"]:
+        assert proc.stdout.startswith("align.sft")

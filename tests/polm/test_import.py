@@ -1,0 +1,77 @@
+import shutil
+
+import pytest
+import torch
+
+from polm.checkpoint import Checkpoint
+from polm.errors import PolmError
+from polm.importer import import_model
+
+
+def _hf_dir(base_ckpt, tmp_path, name="hf"):
+    d = tmp_path / name
+    shutil.copytree(base_ckpt.path, d)
+    (d / "polm.json").unlink()
+    return d
+
+
+def test_builtin_tiny_base_imports_with_a_manifest(base_ckpt):
+    m = base_ckpt.manifest
+    assert m.stage == "import" and m.format == "hf"
+    assert m.settings["source"] == "builtin:tiny-base"
+    assert (base_ckpt.path / "model.safetensors").is_file()
+    assert (base_ckpt.path / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
+def test_builtin_random_architectures(name, tmp_path):
+    from polm.loading import load_model
+
+    ckpt = import_model(f"builtin:{name}", tmp_path / name)
+    model, tok = load_model(ckpt)
+    assert model.config.model_type == name.split("-")[1]
+    assert model.config.vocab_size == len(tok)
+
+
+def test_hf_directory_imports_and_matches(base_ckpt, tmp_path):
+    ckpt = import_model(str(_hf_dir(base_ckpt, tmp_path)), tmp_path / "out")
+    assert ckpt.manifest.content_hash == base_ckpt.manifest.content_hash
+
+
+def test_pickle_only_directory_is_refused_then_converted_on_opt_in(base_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    d = _hf_dir(base_ckpt, tmp_path)
+    state = load_file(d / "model.safetensors")
+    torch.save(state, d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(PolmError, match="only pickle weights.*--allow-pickle"):
+        import_model(str(d), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    ckpt = import_model(str(d), tmp_path / "out", allow_pickle=True)
+    assert not list(ckpt.path.glob("*.bin"))
+    again = load_file(ckpt.path / "model.safetensors")
+    assert all(torch.equal(state[k], again[k]) for k in again)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors_is_refused(base_ckpt, tmp_path, damage):
+    d = _hf_dir(base_ckpt, tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
+    with pytest.raises(PolmError, match="not a valid safetensors file"):
+        import_model(str(d), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source_and_missing_parts(tmp_path, base_ckpt):
+    with pytest.raises(PolmError, match="no such file or directory.*Nothing is downloaded"):
+        import_model("org/model-on-a-hub", tmp_path / "out")
+    with pytest.raises(PolmError, match="unknown built-in model 'huge'"):
+        import_model("builtin:huge", tmp_path / "out")
+    d = _hf_dir(base_ckpt, tmp_path)
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(PolmError, match="has no tokenizer"):
+        import_model(str(d), tmp_path / "out")
+    assert Checkpoint.open(base_ckpt.path)

@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from polm.errors import PolmError
+from polm.recipe import load_recipe, parse_recipe
+from polm.registry import STAGES, settings_class, stage_function
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = {
+    "name": "t",
+    "seed": 3,
+    "models": {"base": "builtin:tiny-base"},
+    "eval": ["add"],
+    "stages": {
+        "b": {"uses": "align.sft", "from": "a", "with": {"task": "add"}},
+        "a": {"uses": "align.sft", "from": "base", "with": {"task": "reverse", "epochs": 2}},
+    },
+}
+
+
+def _with(**changes):
+    raw = yaml.safe_load(yaml.safe_dump(GOOD))
+    for path, value in changes.items():
+        node = raw
+        *keys, last = path.split("__")
+        for k in keys:
+            node = node[k]
+        node[last] = value
+    return raw
+
+
+def test_good_recipe_orders_by_from_and_fills_seed():
+    r = parse_recipe(GOOD)
+    assert r.order() == ["a", "b"]
+    assert r.settings["a"].seed == 3 and r.settings["a"].num_train_epochs == 2
+
+
+@pytest.mark.parametrize(
+    "changes, pattern",
+    [
+        (
+            {"stages__a__uses": "align.sfft"},
+            r"unknown stage 'align.sfft' \(did you mean 'align.sft'"
+            r"\?\); the known stages are: align.sft",
+        ),
+        (
+            {"stages__a__with": {"task": "add", "learning_rat": 0.1}},
+            r"stage 'a' \(align.sft\): unknown field 'learning_rat' \(did you mean 'learning_rate'",
+        ),
+        (
+            {"stages__a__with": {"task": "add", "max_steps": "many"}},
+            r"stage 'a' \(align.sft\): field 'max_steps'.*integer.*'many'",
+        ),
+        ({"stages__b__from": "nowhere"}, r"stage 'b': 'from' names 'nowhere'"),
+        ({"stages__a__from": "b"}, r"cycle: (a -> b -> a|b -> a -> b)"),
+        ({"eval": ["add", "multiply"]}, r"unknown task 'multiply'; the built-in tasks are"),
+        ({"stages__a__with": {}}, r"stage 'a' \(align.sft\).*exactly one of `task`"),
+        ({"stages__a__colour": 1}, r"unknown field 'stages.a.colour'"),
+    ],
+)
+def test_bad_recipes_fail_with_a_clear_message(changes, pattern):
+    with pytest.raises(PolmError, match=pattern):
+        parse_recipe(_with(**changes))
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        assert path.read_text().startswith("# Launch: polm run recipes/")
+        load_recipe(path)
+
+
+def test_registry_entries_resolve_and_settings_are_strict():
+    for name, entry in STAGES.items():
+        assert callable(stage_function(name))
+        cls = settings_class(name)
+        assert cls.model_config.get("extra") == "forbid"
+        missing = [f for f, info in cls.model_fields.items() if not info.description]
+        assert not missing, f"{name}: fields without a description: {missing}"
+        module = entry.run.split(":")[0]
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file()
