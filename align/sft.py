@@ -225,14 +225,17 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
         ),
     }
     shutil.rmtree(workdir, ignore_errors=True)
+    # every rank takes part in gathering the weights (FSDP / DeepSpeed ZeRO-3 shard them);
+    # only rank 0 writes
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if s.method == "full" else None
     if not trainer.is_world_process_zero():
         return None
     fmt = s.resolved_output_format
-    model = trainer.model
+    model = trainer.accelerator.unwrap_model(trainer.model)
     if s.method == "lora" and fmt == "hf":
         model = model.merge_and_unload()
     with staging(out) as st:
-        model.save_pretrained(st.dir)
+        model.save_pretrained(st.dir, state_dict=state_dict)
         tokenizer.save_pretrained(st.dir)
         return st.commit(
             stage=STAGE, format=fmt, settings=s, parents=[base], seed=s.seed, metrics=metrics

@@ -135,6 +135,8 @@ def _import_hf_dir(path: Path, out: Path, settings: dict, allow_pickle: bool) ->
             f"{path} has no tokenizer (tokenizer.json, tokenizer.model or "
             "vocab.json): polm evaluates and serves every checkpoint, so it needs one."
         )
+    from polm.loading import load_tokenizer
+
     with staging(out) as st:
         if has_st:
             check_safetensors(path)
@@ -144,13 +146,15 @@ def _import_hf_dir(path: Path, out: Path, settings: dict, allow_pickle: bool) ->
         else:
             from transformers import AutoModelForCausalLM
 
-            from polm.loading import load_tokenizer
-
             model = AutoModelForCausalLM.from_pretrained(
                 path, use_safetensors=False, trust_remote_code=False
             )
             model.save_pretrained(st.dir)
             load_tokenizer(path).save_pretrained(st.dir)
+        tok = load_tokenizer(st.dir)
+        settings["added_chat_template"] = ensure_chat_template(tok)
+        if settings["added_chat_template"]:
+            tok.save_pretrained(st.dir)
         return st.commit(stage="import", format="hf", settings=settings)
 
 
@@ -180,7 +184,22 @@ def _import_gguf(path: Path, out: Path, settings: dict) -> Checkpoint:
                 pass
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    settings["added_chat_template"] = ensure_chat_template(tok)
     with staging(out) as st:
         model.save_pretrained(st.dir)
         tok.save_pretrained(st.dir)
         return st.commit(stage="import", format="hf", settings=settings)
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a tokenizer without a chat template polm's (turns end with its eos token).
+
+    Base models often ship without one, but every stage and the evaluator speak chat.
+    Returns whether a template was added (recorded in the manifest).
+    """
+    if tokenizer.chat_template:
+        return False
+    from polm.tokenizer import CHAT_TEMPLATE
+
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return True

@@ -8,6 +8,8 @@ code.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
 
@@ -34,6 +36,9 @@ def _load_hf(path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from polm.importer import check_safetensors
+
+    check_safetensors(Path(path))  # a corrupt or truncated file is a clear error, not a crash
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=False, use_safetensors=True, dtype=dtype or torch.float32
@@ -41,7 +46,7 @@ def _load_hf(path, dtype=None):
     except (OSError, ValueError) as e:
         raise PolmError(
             f"cannot load the model in {path} as a Hugging Face causal LM with "
-            f"safetensors weights: {e}"
+            f"safetensors weights: {str(e).splitlines()[0]}"
         ) from None
 
 

@@ -16,15 +16,17 @@ ROLES = ("system", "user", "assistant")
 SPECIAL_TOKENS = [PAD, BOS, EOS] + [f"<|{role}|>" for role in ROLES]
 VOCAB_SIZE = 384
 
+# End of turn is the tokenizer's eos token, so the same template also serves imported models
+# that come without one (GGUF base models, for instance).
 CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
+    "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{- '<|assistant|>\\n' -}}"
-    "{%- generation -%}{{- message['content'] + '<|end|>' -}}{%- endgeneration -%}"
+    "{%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}"
     "{{- '\\n' -}}"
     "{%- else -%}"
-    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' -}}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"

@@ -90,3 +90,16 @@ def test_listing_commands(cmd):
     assert proc.returncode == 0
     if cmd == ["stages"]:
         assert proc.stdout.startswith("align.sft")
+
+
+def test_corrupt_weights_inside_a_checkpoint(tmp_path, base_ckpt):
+    c = tmp_path / "ckpt"
+    shutil.copytree(base_ckpt.path, c)
+    data = (c / "model.safetensors").read_bytes()
+    (c / "model.safetensors").write_bytes(data[: len(data) // 3])
+    _assert_clean_error(polm_cli("eval", c, "--task", "add"), "not a valid safetensors file")
+    _assert_clean_error(
+        polm_cli("align", "sft", "--from", c, "--out", tmp_path / "o", "--set", "task=add"),
+        "not a valid safetensors file",
+    )
+    assert not (tmp_path / "o").exists()

@@ -75,3 +75,33 @@ def test_missing_source_and_missing_parts(tmp_path, base_ckpt):
     with pytest.raises(PolmError, match="has no tokenizer"):
         import_model(str(d), tmp_path / "out")
     assert Checkpoint.open(base_ckpt.path)
+
+
+def test_gguf_file_is_dequantized_to_a_checkpoint_that_trains(base_ckpt, tmp_path):
+    from align.sft import SFTSettings, run
+    from polm.loading import load_model
+    from tests.polm.gguf_writer import write_llama_gguf
+
+    gguf_file = write_llama_gguf(base_ckpt.path, tmp_path / "tiny.gguf")
+    ckpt = import_model(str(gguf_file), tmp_path / "imported")
+    assert ckpt.manifest.settings["source"] == str(gguf_file)
+    assert list(ckpt.path.glob("*.safetensors")) and not list(ckpt.path.glob("*.gguf"))
+    original, tok = load_model(base_ckpt)
+    imported, tok2 = load_model(ckpt)
+    assert getattr(imported, "hf_quantizer", None) is None
+    assert "quantization_config" not in imported.config.to_dict()
+    ids = torch.tensor([tok("ada has 12 apples.")["input_ids"]])
+    torch.testing.assert_close(imported(ids).logits, original(ids).logits)
+    # a GGUF base comes without a chat template: polm's is added so chat stages can use it
+    assert ckpt.manifest.settings["added_chat_template"] is True and tok2.chat_template
+    # the quantizer marker is gone: the result saves and trains
+    tuned = run([ckpt], SFTSettings(task="add", max_steps=2), tmp_path / "tuned")
+    assert tuned.manifest.metrics["train.steps"] == 2
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 32)
+    with pytest.raises(PolmError, match="cannot read .* as a GGUF model"):
+        import_model(str(bad), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
