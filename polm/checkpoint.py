@@ -78,7 +78,7 @@ class Checkpoint:
     """A finished checkpoint on disk. Opening one validates its manifest."""
 
     def __init__(self, path: Path, manifest: Manifest):
-        self.path = Path(path)
+        self.path = Path(path).absolute()
         self.manifest = manifest
 
     @classmethod

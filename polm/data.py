@@ -56,6 +56,10 @@ def load_dataset_source(source: str, n: int | None = None):
         raise
     except Exception as e:  # datasets raises many error types for malformed files
         raise PolmError(f"cannot read dataset {path}: {str(e).splitlines()[0]}") from None
+    if path.suffix == ".csv":
+        # CSV has no types: a column of numbers ("42") would be read as ints, but text fields
+        # must stay text
+        ds = ds.cast(datasets.Features({c: datasets.Value("string") for c in ds.column_names}))
     return ds.select(range(min(n, len(ds)))) if n else ds
 
 

@@ -176,3 +176,27 @@ def test_two_processes_ddp_on_cpu(base_ckpt, tmp_path):
     # a step of 2 processes x 8 sequences: the trainer saw world size 2
     assert ckpt.manifest.metrics["train.world_size"] == 2
     assert evaluate_checkpoint(ckpt, ["add"], n=8)["eval.add.n"] == 8
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".parquet"])
+def test_plain_text_csv_and_parquet_datasets(suffix, base_ckpt, tmp_path):
+    import datasets
+
+    f = tmp_path / f"data{suffix}"
+    if suffix == ".txt":
+        f.write_text("\n".join(f"eve finds {i} keys." for i in range(64)))
+        columns = ["text"]
+    else:
+        ds = datasets.Dataset.from_dict(
+            {
+                "prompt": [f"double {i}" for i in range(64)],
+                "completion": [str(2 * i) for i in range(64)],
+            }
+        )
+        ds.to_csv(f) if suffix == ".csv" else ds.to_parquet(f)
+        columns = ["prompt", "completion"]
+    from align.sft import build_dataset
+
+    assert build_dataset(SFTSettings(dataset=str(f))).column_names == columns
+    ckpt = sft([base_ckpt], tmp_path / "out", dataset=str(f), max_steps=2, packing=True)
+    assert ckpt.manifest.metrics["train.steps"] == 2

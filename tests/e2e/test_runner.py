@@ -1,5 +1,6 @@
 """Whole recipes through the real `polm run`: skipping, re-running, and surviving SIGKILL."""
 
+import json
 import os
 import signal
 import subprocess
@@ -51,8 +52,6 @@ def _run(recipe, workdir):
 
 
 def _statuses(workdir):
-    import json
-
     report = json.loads((workdir / "report.json").read_text())
     return {row["id"]: row["status"] for row in report["stages"]}
 
@@ -75,6 +74,10 @@ def test_rerun_skips_and_a_change_reruns_only_descendants(tmp_path):
     assert _statuses(work) == {"base": "cached", "sft": "ran", "more": "ran", "side": "cached"}
     lineage = polm_cli("lineage", work / "more")
     assert lineage.returncode == 0 and lineage.stdout.count("\n") == 3
+    report = polm_cli("report", work)
+    assert report.returncode == 0 and all(s in report.stdout for s in ("sft", "more", "side"))
+    inspect = polm_cli("inspect", work / "more", "--json")
+    assert json.loads(inspect.stdout)["parents"][0]["path"] == str(work / "sft")
 
 
 def test_sigkill_mid_stage_then_rerun_completes(tmp_path):
