@@ -200,3 +200,11 @@ def test_plain_text_csv_and_parquet_datasets(suffix, base_ckpt, tmp_path):
     assert build_dataset(SFTSettings(dataset=str(f))).column_names == columns
     ckpt = sft([base_ckpt], tmp_path / "out", dataset=str(f), max_steps=2, packing=True)
     assert ckpt.manifest.metrics["train.steps"] == 2
+
+
+@pytest.mark.gpu
+def test_sft_on_gpu_writes_a_cpu_loadable_checkpoint(base_ckpt, tmp_path):
+    ckpt = sft([base_ckpt], tmp_path / "gpu", task="add", max_steps=50)
+    assert ckpt.manifest.metrics["train.last_loss"] < ckpt.manifest.metrics["train.first_loss"]
+    model, _ = load_model(ckpt)  # loads on CPU
+    assert next(model.parameters()).device.type == "cpu"
