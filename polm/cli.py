@@ -108,13 +108,13 @@ def cmd_import(a) -> None:
 
 
 def cmd_report(a) -> None:
-    from polm.runner import summary_table
+    from polm.runner import result_console, summary_table
 
     f = Path(a.run_dir) / "report.json"
     if not f.is_file():
         raise PolmError(f"{a.run_dir} has no report.json: run a recipe with `polm run` first.")
     report = json.loads(f.read_text())
-    _console().print(summary_table(report["name"], report["stages"], report["eval"]))
+    result_console().print(summary_table(report["name"], report["stages"], report["eval"]))
 
 
 def _parse_sets(pairs: list[str]) -> dict:

@@ -151,8 +151,17 @@ def run_recipe(
                 ),
             )
         write_report(recipe, root, results)
-    Console().print(summary_table(recipe.name, results, recipe.eval))  # the result: stdout
+    result_console().print(summary_table(recipe.name, results, recipe.eval))
     return results
+
+
+def result_console():
+    """Results go to stdout; piped or logged output gets room for the whole table."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 140)
 
 
 def write_report(recipe: Recipe, root: Path, results: list[StageResult]) -> None:
