@@ -195,6 +195,7 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
         seed=s.seed,
         data_seed=s.seed,
         logging_steps=s.logging_steps,
+        logging_first_step=True,
         save_strategy="no",
         report_to="none",
         full_determinism=True,
@@ -215,7 +216,7 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {
         "train.first_loss": losses[0] if losses else None,
-        "train.last_loss": losses[-1] if losses else None,
+        "train.last_loss": losses[-1] if len(losses) > 1 else result.training_loss,
         "train.final_avg_loss": result.training_loss,
         "train.steps": result.global_step,
         "train.wall_s": round(wall, 2),

@@ -208,3 +208,9 @@ def test_sft_on_gpu_writes_a_cpu_loadable_checkpoint(base_ckpt, tmp_path):
     assert ckpt.manifest.metrics["train.last_loss"] < ckpt.manifest.metrics["train.first_loss"]
     model, _ = load_model(ckpt)  # loads on CPU
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_loss_summary_with_fewer_steps_than_the_logging_interval(base_ckpt, tmp_path):
+    ckpt = sft([base_ckpt], tmp_path / "short", task="add", max_steps=3, logging_steps=50)
+    m = ckpt.manifest.metrics
+    assert m["train.first_loss"] > 0 and m["train.last_loss"] > 0
