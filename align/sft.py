@@ -13,23 +13,20 @@ Runs on CPU (``use_cpu``) or GPU, in one process or N (``--nproc``, DDP through 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from polm.checkpoint import Checkpoint, staging
+from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
-from polm.settings import StageSettings
 from polm.tasks import validate_task_names
+from polm.training import TrainingSettings, save_trained, scratch_dir, train, trainer_args
 
 STAGE = "align.sft"
 
 
-class SFTSettings(StageSettings):
+class SFTSettings(TrainingSettings):
     """Settings of ``align.sft``; training fields use TRL / transformers names."""
 
     task: str | list[str] | None = Field(
@@ -58,44 +55,10 @@ class SFTSettings(StageSettings):
         default="all-linear", description="Modules LoRA adapts."
     )
     num_virtual_tokens: int = Field(default=16, gt=0, description="Prefix/prompt length.")
-    num_train_epochs: float = Field(
-        default=1.0,
-        gt=0,
-        description="Epochs over the data.",
-        validation_alias=AliasChoices("num_train_epochs", "epochs"),
-    )
-    max_steps: int = Field(
-        default=-1, description="Stop after this many optimizer steps (overrides epochs when > 0)."
-    )
-    learning_rate: float = Field(
-        default=1e-3,
-        gt=0,
-        description="Peak learning rate (tiny models train well at 1e-3; LoRA likes higher).",
-    )
-    per_device_train_batch_size: int = Field(default=32, gt=0, description="Batch per process.")
-    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Accumulated batches.")
-    lr_scheduler_type: str = Field(default="cosine", description="transformers scheduler name.")
-    warmup_steps: float = Field(
-        default=0.05, ge=0, description="Warm-up steps, or a fraction of all steps when < 1."
-    )
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
-    max_length: int = Field(default=256, gt=0, description="Truncate sequences to this length.")
     packing: bool = Field(default=False, description="Pack sequences into max_length blocks.")
     assistant_only_loss: bool = Field(
         default=True, description="Loss on assistant tokens only (chat data)."
     )
-    bf16: bool = Field(
-        default=True,
-        description="bf16 autocast (about 1.5-2x faster on CPUs "
-        "with bf16 support; weights stay fp32).",
-    )
-    gradient_checkpointing: bool = Field(
-        default=False,
-        description="Recompute activations to save memory (TRL turns it on by default; it "
-        "slows small models and drops prefix tuning's key/value prefix).",
-    )
-    logging_steps: int = Field(default=25, gt=0, description="Log the loss every N steps.")
-    seed: int = Field(default=0, description="Seed for init, shuffling and dropout.")
 
     _known_tasks = field_validator("task")(validate_task_names)
 
@@ -173,35 +136,10 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
     chat = "messages" in dataset.column_names
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(base)
-    # the trainer's scratch space sits beside the output, where `polm run` cleans up after a kill
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     args = SFTConfig(
-        output_dir=str(workdir),
-        use_cpu=not torch.cuda.is_available(),
-        bf16=s.bf16,
-        num_train_epochs=s.num_train_epochs,
-        max_steps=s.max_steps,
-        learning_rate=s.learning_rate,
-        per_device_train_batch_size=s.per_device_train_batch_size,
-        gradient_accumulation_steps=s.gradient_accumulation_steps,
-        lr_scheduler_type=s.lr_scheduler_type,
-        warmup_steps=s.warmup_steps,
-        weight_decay=s.weight_decay,
-        max_length=s.max_length,
+        **trainer_args(s, scratch_dir(out)),
         packing=s.packing,
         assistant_only_loss=s.assistant_only_loss and chat,
-        seed=s.seed,
-        data_seed=s.seed,
-        logging_steps=s.logging_steps,
-        logging_first_step=True,
-        save_strategy="no",
-        report_to="none",
-        full_determinism=True,
-        dataloader_num_workers=0,
-        ddp_backend=None,
-        gradient_checkpointing=s.gradient_checkpointing,
     )
     trainer = SFTTrainer(
         model=model,
@@ -210,34 +148,16 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
         processing_class=tokenizer,
         peft_config=peft_config(s),
     )
-    t0 = time.perf_counter()
-    result = trainer.train()
-    wall = time.perf_counter() - t0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    metrics = {
-        "train.first_loss": losses[0] if losses else None,
-        "train.last_loss": losses[-1] if len(losses) > 1 else result.training_loss,
-        "train.final_avg_loss": result.training_loss,
-        "train.steps": result.global_step,
-        "train.wall_s": round(wall, 2),
-        "train.world_size": args.world_size,
-        "train.trainable_params": sum(
-            p.numel() for p in trainer.model.parameters() if p.requires_grad
-        ),
-    }
-    shutil.rmtree(workdir, ignore_errors=True)
-    # every rank takes part in gathering the weights (FSDP / DeepSpeed ZeRO-3 shard them);
-    # only rank 0 writes
-    state_dict = trainer.accelerator.get_state_dict(trainer.model) if s.method == "full" else None
-    if not trainer.is_world_process_zero():
-        return None
+    metrics = train(trainer)
     fmt = s.resolved_output_format
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if s.method == "lora" and fmt == "hf":
-        model = model.merge_and_unload()
-    with staging(out) as st:
-        model.save_pretrained(st.dir, state_dict=state_dict)
-        tokenizer.save_pretrained(st.dir)
-        return st.commit(
-            stage=STAGE, format=fmt, settings=s, parents=[base], seed=s.seed, metrics=metrics
-        )
+    return save_trained(
+        trainer,
+        tokenizer,
+        out,
+        stage=STAGE,
+        settings=s,
+        parents=[base],
+        metrics=metrics,
+        format=fmt,
+        merge_lora=fmt == "hf",
+    )

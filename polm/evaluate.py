@@ -99,21 +99,116 @@ def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _encode_pairs(tokenizer, rows: list[dict]):
+    """Chat-render each row's prompt+chosen and prompt+rejected; return ids and the prompt
+    lengths (the completion is what follows the prompt)."""
+    seqs, prompt_lens = [], []
+    for r in rows:
+        prompt = tokenizer.apply_chat_template(
+            r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        for key in ("chosen", "rejected"):
+            full = tokenizer.apply_chat_template(
+                r["prompt"] + r[key], tokenize=True, return_dict=True
+            )["input_ids"]
+            seqs.append(full)
+            prompt_lens.append(len(prompt))
+    return seqs, prompt_lens
+
+
+def _padded(seqs: list[list[int]], pad_id: int, device):
+    import torch
+
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 128) -> list[float]:
+    """Summed log-probability of each chosen and rejected completion, interleaved."""
+    import torch
+
+    seqs, prompt_lens = _encode_pairs(tokenizer, rows)
+    out: list[float] = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = _padded(seqs[i : i + batch_size], tokenizer.pad_token_id, model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :].float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        for j, plen in enumerate(prompt_lens[i : i + batch_size]):
+            n = int(mask[j].sum())
+            out.append(float(logp[j, plen - 1 : n - 1].sum()))
+    return out
+
+
+def preference_accuracy(model, tokenizer, task: str, n: int | None = None) -> dict:
+    """Share of held-out pairs where the chosen answer is more likely than the rejected one."""
+    from polm.preference import preference_pairs
+
+    rows = preference_pairs(task, "test", n)
+    lp = completion_logprobs(model, tokenizer, rows)
+    margins = [c - r for c, r in zip(lp[0::2], lp[1::2])]
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "n": len(margins)}
+
+
+def reward_scores(model, tokenizer, rows: list[dict], batch_size: int = 128) -> list[float]:
+    """A reward model's score of each chosen and rejected conversation, interleaved."""
+    import torch
+
+    seqs, _ = _encode_pairs(tokenizer, rows)
+    out: list[float] = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = _padded(seqs[i : i + batch_size], tokenizer.pad_token_id, model.device)
+        with torch.no_grad():
+            out += model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+    return out
+
+
+def pairwise_accuracy(model, tokenizer, task: str, n: int | None = None) -> dict:
+    """Share of held-out pairs a reward model scores chosen above rejected."""
+    from polm.preference import preference_pairs
+
+    rows = preference_pairs(task, "test", n)
+    s = reward_scores(model, tokenizer, rows)
+    wins = [c > r for c, r in zip(s[0::2], s[1::2])]
+    return {"accuracy": sum(wins) / len(wins), "n": len(wins)}
+
+
 def evaluate_checkpoint(
     ckpt, tasks: list[str], n: int | None = None, with_perplexity: bool = True
 ) -> dict:
-    """The suite run after every stage; returns flat manifest metrics (``eval.<task>.accuracy``)."""
+    """The suite run after every stage; returns flat manifest metrics.
+
+    A causal LM gets ``eval.<task>.accuracy`` (greedy exact match), ``eval.<task>.
+    preference_accuracy`` (chosen more likely than rejected on held-out pairs) and perplexity;
+    a reward model gets ``eval.<task>.pairwise_accuracy``.
+    """
     import torch
 
-    from polm.loading import load_model
+    from polm.loading import is_reward_model, load_model, load_reward_model
 
     torch.manual_seed(0)
+    metrics: dict = {"size_bytes": size_bytes(ckpt.path)}
+    if is_reward_model(ckpt):
+        model, tokenizer = load_reward_model(ckpt)
+        metrics["params"] = param_count(model)
+        for task in tasks:
+            result = pairwise_accuracy(model, tokenizer, task, n)
+            metrics[f"eval.{task}.pairwise_accuracy"] = result["accuracy"]
+            metrics[f"eval.{task}.n"] = result["n"]
+        return metrics
     model, tokenizer = load_model(ckpt)
-    metrics: dict = {"params": param_count(model), "size_bytes": size_bytes(ckpt.path)}
+    metrics["params"] = param_count(model)
     for task in tasks:
         result = accuracy(model, tokenizer, task, n)
         metrics[f"eval.{task}.accuracy"] = result["accuracy"]
         metrics[f"eval.{task}.n"] = result["n"]
+        pref = preference_accuracy(model, tokenizer, task, n)
+        metrics[f"eval.{task}.preference_accuracy"] = pref["accuracy"]
     if with_perplexity:
         metrics["perplexity"] = perplexity(model, tokenizer)
     return metrics

@@ -81,3 +81,37 @@ def load_model(ckpt: Checkpoint | str, dtype=None):
         )
     model.eval()
     return model, load_tokenizer(ckpt.path)
+
+
+def is_reward_model(ckpt: Checkpoint) -> bool:
+    """A checkpoint with a sequence-classification head (``align.reward``'s output)."""
+    import json
+
+    cfg = ckpt.path / "config.json"
+    if ckpt.format != "hf" or not cfg.is_file():
+        return False
+    archs = json.loads(cfg.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def load_reward_model(ckpt: Checkpoint | str):
+    """Return ``(model, tokenizer)`` for a reward model (one score per sequence)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from polm.importer import check_safetensors
+
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = Checkpoint.open(ckpt)
+    if not is_reward_model(ckpt):
+        raise PolmError(
+            f"{ckpt.path} is not a reward model: expected an hf checkpoint with a "
+            f"sequence-classification head (made by align.reward), got {ckpt.stage} "
+            f"[{ckpt.format}]."
+        )
+    check_safetensors(ckpt.path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        ckpt.path, trust_remote_code=False, use_safetensors=True, dtype=torch.float32
+    )
+    model.eval()
+    return model, load_tokenizer(ckpt.path)

@@ -1,0 +1,152 @@
+"""What every training stage shares: the common TRL / transformers settings, the trainer
+arguments built from them, the training summary, and writing the trained model.
+
+Stages stay one file each (``align/sft.py``, ``align/dpo.py``, ...): they choose a TRL trainer
+and its own settings; this module keeps CPU/GPU placement, seeding, determinism, scratch space
+and multi-process saving the same everywhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+
+from polm.checkpoint import Checkpoint, staging
+from polm.settings import StageSettings
+
+
+class TrainingSettings(StageSettings):
+    """Fields every training stage takes, under TRL / transformers names."""
+
+    num_train_epochs: float = Field(
+        default=1.0,
+        gt=0,
+        description="Epochs over the data.",
+        validation_alias=AliasChoices("num_train_epochs", "epochs"),
+    )
+    max_steps: int = Field(
+        default=-1, description="Stop after this many optimizer steps (overrides epochs when > 0)."
+    )
+    learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(default=32, gt=0, description="Batch per process.")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Accumulated batches.")
+    lr_scheduler_type: str = Field(default="cosine", description="transformers scheduler name.")
+    warmup_steps: float = Field(
+        default=0.05, ge=0, description="Warm-up steps, or a fraction of all steps when < 1."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(default=256, gt=0, description="Truncate sequences to this length.")
+    bf16: bool = Field(
+        default=True,
+        description="bf16 autocast (about 1.5-2x faster on CPUs with bf16 support; weights "
+        "stay fp32).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations to save memory (TRL turns it on by default; it "
+        "slows small models and drops prefix tuning's key/value prefix).",
+    )
+    logging_steps: int = Field(default=25, gt=0, description="Log the loss every N steps.")
+    seed: int = Field(default=0, description="Seed for init, shuffling and dropout.")
+
+
+def scratch_dir(out: Path) -> Path:
+    """The trainer's scratch space, beside the output, where `polm run` cleans up after a kill."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+
+
+def trainer_args(s: TrainingSettings, workdir: Path) -> dict:
+    """Keyword arguments for any TRL config class, from the common settings."""
+    import torch
+
+    return dict(
+        output_dir=str(workdir),
+        use_cpu=not torch.cuda.is_available(),
+        bf16=s.bf16,
+        num_train_epochs=s.num_train_epochs,
+        max_steps=s.max_steps,
+        learning_rate=s.learning_rate,
+        per_device_train_batch_size=s.per_device_train_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        lr_scheduler_type=s.lr_scheduler_type,
+        warmup_steps=s.warmup_steps,
+        weight_decay=s.weight_decay,
+        max_length=s.max_length,
+        seed=s.seed,
+        data_seed=s.seed,
+        logging_steps=s.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to="none",
+        full_determinism=True,
+        dataloader_num_workers=0,
+        gradient_checkpointing=s.gradient_checkpointing,
+    )
+
+
+def train(trainer) -> dict:
+    """Run ``trainer`` and return the training summary for the manifest."""
+    t0 = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "train.first_loss": losses[0] if losses else None,
+        "train.last_loss": losses[-1] if len(losses) > 1 else result.training_loss,
+        "train.final_avg_loss": result.training_loss,
+        "train.steps": result.global_step,
+        "train.wall_s": round(wall, 2),
+        "train.world_size": trainer.args.world_size,
+        "train.trainable_params": sum(
+            p.numel() for p in trainer.model.parameters() if p.requires_grad
+        ),
+    }
+    last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
+    for key, value in last.items():  # trainer-specific diagnostics, e.g. DPO's reward margins
+        if key.startswith("rewards/") and isinstance(value, (int, float)):
+            metrics[f"train.{key.replace('/', '_')}"] = value
+    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    return metrics
+
+
+def save_trained(
+    trainer,
+    tokenizer,
+    out: Path,
+    *,
+    stage: str,
+    settings: StageSettings,
+    parents: list[Checkpoint],
+    metrics: dict,
+    format: str = "hf",
+    merge_lora: bool = False,
+) -> Checkpoint | None:
+    """Write the trained model as a checkpoint; rank 0 writes, every rank must call this.
+
+    Full models are gathered through accelerate first, so FSDP / DeepSpeed ZeRO-3 runs (which
+    shard the weights) write whole checkpoints.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_peft = hasattr(model, "peft_config")
+    state_dict = None if is_peft else trainer.accelerator.get_state_dict(trainer.model)
+    if not trainer.is_world_process_zero():
+        return None
+    if is_peft and merge_lora:
+        model = model.merge_and_unload()
+    with staging(out) as st:
+        model.save_pretrained(st.dir, state_dict=state_dict)
+        tokenizer.save_pretrained(st.dir)
+        return st.commit(
+            stage=stage,
+            format=format,
+            settings=settings,
+            parents=parents,
+            seed=settings.seed,
+            metrics=metrics,
+        )
