@@ -29,6 +29,19 @@ STAGES: dict[str, StageEntry] = {
         "assistant-only loss, or continued pretraining on plain text",
         trains=True,
     ),
+    "align.reward": StageEntry(
+        "align.reward:run",
+        "align.reward:RewardSettings",
+        "reward model (sequence-classification head, Bradley-Terry loss) trained on "
+        "preference pairs",
+        trains=True,
+    ),
+    "align.dpo": StageEntry(
+        "align.dpo:run",
+        "align.dpo:DPOSettings",
+        "preference optimization: DPO, IPO, hinge, cDPO, robust DPO, SimPO, ORPO, KTO",
+        trains=True,
+    ),
 }
 
 

@@ -89,7 +89,10 @@ def test_listing_commands(cmd):
     proc = polm_cli(*cmd)
     assert proc.returncode == 0
     if cmd == ["stages"]:
-        assert proc.stdout.startswith("align.sft")
+        from polm.registry import STAGES
+
+        listed = [line.split()[0] for line in proc.stdout.splitlines()]
+        assert listed == sorted(STAGES)
 
 
 def test_corrupt_weights_inside_a_checkpoint(tmp_path, base_ckpt):

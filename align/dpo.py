@@ -1,0 +1,127 @@
+"""Direct preference optimization and its family, behind one ``loss`` option.
+
+- ``sigmoid``: DPO (Rafailov et al., arXiv 2305.18290), against a frozen reference model;
+- ``ipo``: IPO (Azar et al., arXiv 2310.12036); ``hinge``: SLiC-style hinge (arXiv 2305.10425);
+- ``cdpo``: conservative DPO, the sigmoid loss with ``label_smoothing`` as the assumed rate
+  of flipped labels (Mitchell, 2023); ``robust``: rDPO (Chowdhury et al., arXiv 2403.00409);
+- ``simpo``: SimPO (Meng et al., arXiv 2405.14734), reference-free, length-normalised, with a
+  target margin ``simpo_gamma`` (TRL's CPO trainer with ``loss_type="simpo"``, ``cpo_alpha=0``);
+- ``orpo``: ORPO (Hong et al., arXiv 2403.07691), reference-free, the odds-ratio term added to
+  the SFT loss, weighted by ``beta``;
+- ``kto``: KTO (Ethayarajh et al., arXiv 2402.01306), on the pairs split into unpaired
+  desirable / undesirable examples.
+
+All of it is TRL's: DPOTrainer, KTOTrainer, and the experimental CPO and ORPO trainers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from polm.checkpoint import Checkpoint
+from polm.errors import PolmError
+from polm.tasks import validate_task_names
+from polm.training import TrainingSettings, save_trained, scratch_dir, train, trainer_args
+
+STAGE = "align.dpo"
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+class DPOSettings(TrainingSettings):
+    """Settings of ``align.dpo``; names follow TRL's DPO / CPO / ORPO / KTO configs."""
+
+    task: str | list[str] | None = Field(
+        default=None, description="Built-in task(s) whose preference pairs to train on."
+    )
+    dataset: str | None = Field(
+        default=None,
+        description="Local preference data (prompt/chosen/rejected), instead of `task`.",
+    )
+    n_train: int | None = Field(default=None, gt=0, description="First N pairs (per task).")
+    loss: Literal["sigmoid", "ipo", "hinge", "cdpo", "robust", "simpo", "orpo", "kto"] = Field(
+        default="sigmoid", description="The preference loss (see the module docstring)."
+    )
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        description="Strength of the KL constraint to the reference (DPO family, KTO); the "
+        "reward scale for SimPO (try 2.0); the odds-ratio weight for ORPO.",
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="Assumed share of flipped preference labels (cdpo, robust).",
+    )
+    simpo_gamma: float = Field(default=0.5, ge=0, description="SimPO target reward margin.")
+    learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(default=16, gt=0, description="Batch per process.")
+
+    _known_tasks = field_validator("task")(validate_task_names)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.task is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `task` (built-in) or `dataset` (local file)")
+        if self.loss in ("cdpo", "robust") and self.label_smoothing == 0:
+            raise ValueError(f"loss {self.loss!r} needs label_smoothing > 0 (e.g. 0.1)")
+        return self
+
+
+def build_trainer(s: DPOSettings, model, tokenizer, dataset, workdir: Path):
+    common = trainer_args(s, workdir)
+    if s.loss == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        args = CPOConfig(
+            **common, loss_type="simpo", cpo_alpha=0.0, beta=s.beta, simpo_gamma=s.simpo_gamma
+        )
+        return CPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    if s.loss == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**common, beta=s.beta)
+        return ORPOTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+    if s.loss == "kto":
+        from datasets import Dataset
+        from trl import KTOConfig, KTOTrainer
+
+        from polm.preference import unpaired
+
+        args = KTOConfig(**common, beta=s.beta)
+        data = Dataset.from_list(unpaired(list(dataset))).shuffle(seed=s.seed)
+        return KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    from trl import DPOConfig, DPOTrainer
+
+    loss_type = "sigmoid" if s.loss == "cdpo" else s.loss
+    args = DPOConfig(
+        **common, loss_type=[loss_type], beta=s.beta, label_smoothing=s.label_smoothing
+    )
+    # ref_model=None: TRL keeps a frozen copy of the starting model as the reference
+    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def run(inputs: list[Checkpoint], settings: DPOSettings, out: Path) -> Checkpoint | None:
+    import torch
+
+    from align.reward import preference_dataset
+    from polm.loading import load_model
+
+    if len(inputs) != 1:
+        raise PolmError(f"{STAGE} takes one input model, got {len(inputs)}.")
+    (base,) = inputs
+    base.require_format("hf", stage=STAGE)
+    s = settings
+    dataset = preference_dataset(s.task, s.dataset, s.n_train, s.seed)
+    torch.manual_seed(s.seed)
+    model, tokenizer = load_model(base)
+    trainer = build_trainer(s, model, tokenizer, dataset, scratch_dir(out))
+    metrics = train(trainer)
+    return save_trained(
+        trainer, tokenizer, out, stage=STAGE, settings=s, parents=[base], metrics=metrics
+    )

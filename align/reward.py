@@ -1,0 +1,99 @@
+"""A reward model trained on preference pairs with TRL's ``RewardTrainer``.
+
+The policy checkpoint gets a one-logit sequence-classification head and is trained with the
+Bradley-Terry pairwise loss, as in InstructGPT (Ouyang et al., arXiv 2203.02155). The output is
+an ``hf`` checkpoint whose ``config.json`` names a ``*ForSequenceClassification``
+architecture; ``align.ppo`` and ``align.grpo`` take it as their reward, and the evaluation
+suite scores it by pairwise accuracy on held-out pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from polm.checkpoint import Checkpoint
+from polm.errors import PolmError
+from polm.tasks import validate_task_names
+from polm.training import TrainingSettings, save_trained, scratch_dir, train, trainer_args
+
+STAGE = "align.reward"
+
+
+class RewardSettings(TrainingSettings):
+    """Settings of ``align.reward``; training fields use TRL names."""
+
+    task: str | list[str] | None = Field(
+        default=None, description="Built-in task(s) whose preference pairs to train on."
+    )
+    dataset: str | None = Field(
+        default=None,
+        description="Local preference data (prompt/chosen/rejected, JSONL/CSV/parquet or a "
+        "saved datasets dir), instead of `task`.",
+    )
+    n_train: int | None = Field(default=None, gt=0, description="First N pairs (per task).")
+    learning_rate: float = Field(default=5e-4, gt=0, description="Peak learning rate.")
+    center_rewards_coefficient: float | None = Field(
+        default=0.01,
+        description="Pull rewards toward zero mean (Eisenstein et al., arXiv 2312.09244), so "
+        "their scale stays usable for RL.",
+    )
+
+    _known_tasks = field_validator("task")(validate_task_names)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.task is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `task` (built-in) or `dataset` (local file)")
+        return self
+
+
+def preference_dataset(task, dataset, n_train, seed):
+    """Built-in pairs for ``task`` (one or several), or a user's preference file."""
+    from datasets import Dataset
+
+    from polm.data import check_columns, load_dataset_source
+    from polm.preference import preference_pairs
+
+    if task is not None:
+        tasks = [task] if isinstance(task, str) else list(task)
+        rows = [r for t in tasks for r in preference_pairs(t, "train", n_train)]
+        return Dataset.from_list(rows).shuffle(seed=seed)
+    ds = load_dataset_source(dataset, n_train)
+    check_columns(ds, dataset, [{"prompt", "chosen", "rejected"}, {"chosen", "rejected"}])
+    return ds
+
+
+def run(inputs: list[Checkpoint], settings: RewardSettings, out: Path) -> Checkpoint | None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from polm.importer import check_safetensors
+    from polm.loading import load_tokenizer
+
+    if len(inputs) != 1:
+        raise PolmError(f"{STAGE} takes one input model, got {len(inputs)}.")
+    (base,) = inputs
+    base.require_format("hf", stage=STAGE)
+    s = settings
+    dataset = preference_dataset(s.task, s.dataset, s.n_train, s.seed)
+    torch.manual_seed(s.seed)
+    check_safetensors(base.path)
+    tokenizer = load_tokenizer(base.path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base.path, num_labels=1, trust_remote_code=False, use_safetensors=True
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    args = RewardConfig(
+        **trainer_args(s, scratch_dir(out)),
+        center_rewards_coefficient=s.center_rewards_coefficient,
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    metrics = train(trainer)
+    return save_trained(
+        trainer, tokenizer, out, stage=STAGE, settings=s, parents=[base], metrics=metrics
+    )
