@@ -22,9 +22,15 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from polm.checkpoint import Checkpoint
-from polm.errors import PolmError
 from polm.tasks import validate_task_names
-from polm.training import TrainingSettings, save_trained, scratch_dir, train, trainer_args
+from polm.training import (
+    TrainingSettings,
+    save_trained,
+    scratch_dir,
+    single_input,
+    train,
+    trainer_args,
+)
 
 STAGE = "align.dpo"
 REFERENCE_FREE = ("simpo", "orpo")
@@ -109,13 +115,10 @@ def build_trainer(s: DPOSettings, model, tokenizer, dataset, workdir: Path):
 def run(inputs: list[Checkpoint], settings: DPOSettings, out: Path) -> Checkpoint | None:
     import torch
 
-    from align.reward import preference_dataset
     from polm.loading import load_model
+    from polm.preference import preference_dataset
 
-    if len(inputs) != 1:
-        raise PolmError(f"{STAGE} takes one input model, got {len(inputs)}.")
-    (base,) = inputs
-    base.require_format("hf", stage=STAGE)
+    base = single_input(inputs, STAGE, "hf")
     s = settings
     dataset = preference_dataset(s.task, s.dataset, s.n_train, s.seed)
     torch.manual_seed(s.seed)

@@ -14,9 +14,16 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from polm.checkpoint import Checkpoint
-from polm.errors import PolmError
+from polm.preference import preference_dataset
 from polm.tasks import validate_task_names
-from polm.training import TrainingSettings, save_trained, scratch_dir, train, trainer_args
+from polm.training import (
+    TrainingSettings,
+    save_trained,
+    scratch_dir,
+    single_input,
+    train,
+    trainer_args,
+)
 
 STAGE = "align.reward"
 
@@ -49,22 +56,6 @@ class RewardSettings(TrainingSettings):
         return self
 
 
-def preference_dataset(task, dataset, n_train, seed):
-    """Built-in pairs for ``task`` (one or several), or a user's preference file."""
-    from datasets import Dataset
-
-    from polm.data import check_columns, load_dataset_source
-    from polm.preference import preference_pairs
-
-    if task is not None:
-        tasks = [task] if isinstance(task, str) else list(task)
-        rows = [r for t in tasks for r in preference_pairs(t, "train", n_train)]
-        return Dataset.from_list(rows).shuffle(seed=seed)
-    ds = load_dataset_source(dataset, n_train)
-    check_columns(ds, dataset, [{"prompt", "chosen", "rejected"}, {"chosen", "rejected"}])
-    return ds
-
-
 def run(inputs: list[Checkpoint], settings: RewardSettings, out: Path) -> Checkpoint | None:
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -73,10 +64,7 @@ def run(inputs: list[Checkpoint], settings: RewardSettings, out: Path) -> Checkp
     from polm.importer import check_safetensors
     from polm.loading import load_tokenizer
 
-    if len(inputs) != 1:
-        raise PolmError(f"{STAGE} takes one input model, got {len(inputs)}.")
-    (base,) = inputs
-    base.require_format("hf", stage=STAGE)
+    base = single_input(inputs, STAGE, "hf")
     s = settings
     dataset = preference_dataset(s.task, s.dataset, s.n_train, s.seed)
     torch.manual_seed(s.seed)

@@ -19,9 +19,15 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from polm.checkpoint import Checkpoint
-from polm.errors import PolmError
 from polm.tasks import validate_task_names
-from polm.training import TrainingSettings, save_trained, scratch_dir, train, trainer_args
+from polm.training import (
+    TrainingSettings,
+    save_trained,
+    scratch_dir,
+    single_input,
+    train,
+    trainer_args,
+)
 
 STAGE = "align.sft"
 
@@ -127,10 +133,7 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
 
     from polm.loading import load_model
 
-    if len(inputs) != 1:
-        raise PolmError(f"{STAGE} takes one input model, got {len(inputs)}.")
-    (base,) = inputs
-    base.require_format("hf", stage=STAGE)
+    base = single_input(inputs, STAGE, "hf")
     s = settings
     dataset = build_dataset(s)
     chat = "messages" in dataset.column_names

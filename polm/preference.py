@@ -85,6 +85,21 @@ def preference_pairs(task: str, split: str, n: int | None = None) -> list[dict]:
     return rows
 
 
+def preference_dataset(task, dataset, n_train, seed):
+    """Built-in pairs for ``task`` (one or several), or a user's preference file."""
+    from datasets import Dataset
+
+    from polm.data import check_columns, load_dataset_source
+
+    if task is not None:
+        tasks = [task] if isinstance(task, str) else list(task)
+        rows = [r for t in tasks for r in preference_pairs(t, "train", n_train)]
+        return Dataset.from_list(rows).shuffle(seed=seed)
+    ds = load_dataset_source(dataset, n_train)
+    check_columns(ds, dataset, [{"prompt", "chosen", "rejected"}, {"chosen", "rejected"}])
+    return ds
+
+
 def unpaired(rows: list[dict]) -> list[dict]:
     """Pairs split into TRL's unpaired format (``completion`` + ``label``), as KTO uses."""
     out = []

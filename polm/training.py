@@ -54,6 +54,16 @@ class TrainingSettings(StageSettings):
     seed: int = Field(default=0, description="Seed for init, shuffling and dropout.")
 
 
+def single_input(inputs: list[Checkpoint], stage: str, *formats: str) -> Checkpoint:
+    """The one input of a single-model stage, refused before any load if its format is wrong."""
+    from polm.errors import PolmError
+
+    if len(inputs) != 1:
+        raise PolmError(f"{stage} takes one input model, got {len(inputs)}.")
+    inputs[0].require_format(*(formats or ("hf",)), stage=stage)
+    return inputs[0]
+
+
 def scratch_dir(out: Path) -> Path:
     """The trainer's scratch space, beside the output, where `polm run` cleans up after a kill."""
     out = Path(out).absolute()
