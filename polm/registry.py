@@ -42,6 +42,13 @@ STAGES: dict[str, StageEntry] = {
         "preference optimization: DPO, IPO, hinge, cDPO, robust DPO, SimPO, ORPO, KTO",
         trains=True,
     ),
+    "align.grpo": StageEntry(
+        "align.grpo:run",
+        "align.grpo:GRPOSettings",
+        "RL with verifiable rewards: GRPO or RLOO, task verifier + optional format and "
+        "reward-model rewards",
+        trains=True,
+    ),
 }
 
 

@@ -71,11 +71,14 @@ def scratch_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
 
 
-def trainer_args(s: TrainingSettings, workdir: Path) -> dict:
-    """Keyword arguments for any TRL config class, from the common settings."""
+def trainer_args(s: TrainingSettings, workdir: Path, config_cls=None) -> dict:
+    """Keyword arguments for a TRL config class, from the common settings (only the fields
+    ``config_cls`` has, when given: GRPO's config has no ``max_length``, for instance)."""
+    import dataclasses
+
     import torch
 
-    return dict(
+    args = dict(
         output_dir=str(workdir),
         use_cpu=not torch.cuda.is_available(),
         bf16=s.bf16,
@@ -98,6 +101,10 @@ def trainer_args(s: TrainingSettings, workdir: Path) -> dict:
         dataloader_num_workers=0,
         gradient_checkpointing=s.gradient_checkpointing,
     )
+    if config_cls is not None:
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        args = {k: v for k, v in args.items() if k in known}
+    return args
 
 
 def train(trainer) -> dict:
@@ -117,7 +124,12 @@ def train(trainer) -> dict:
             p.numel() for p in trainer.model.parameters() if p.requires_grad
         ),
     }
-    last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ("reward", "kl"):  # RL trainers: how the reward and the KL moved
+        values = [h[key] for h in logged if isinstance(h.get(key), (int, float))]
+        if values:
+            metrics[f"train.first_{key}"], metrics[f"train.last_{key}"] = values[0], values[-1]
+    last = logged[-1] if logged else {}
     for key, value in last.items():  # trainer-specific diagnostics, e.g. DPO's reward margins
         if key.startswith("rewards/") and isinstance(value, (int, float)):
             metrics[f"train.{key.replace('/', '_')}"] = value
