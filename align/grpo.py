@@ -39,7 +39,12 @@ class GRPOSettings(TrainingSettings):
     algorithm: Literal["grpo", "rloo"] = Field(default="grpo", description="GRPO or RLOO.")
     num_generations: int = Field(default=8, ge=2, description="Completions per prompt (group).")
     max_completion_length: int = Field(default=48, gt=0, description="Tokens per completion.")
-    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature.")
+    temperature: float = Field(
+        default=0.7,
+        gt=0,
+        description="Sampling temperature (TRL's default is 1.0; on tiny-base a 120-step SFT "
+        "start sampled 3-6% correct at 1.0, too little signal, and learned at 0.7).",
+    )
     beta: float = Field(default=0.04, ge=0, description="KL coefficient to the reference.")
     epsilon: float = Field(default=0.2, gt=0, description="Clipping range of the ratio.")
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(

@@ -71,3 +71,19 @@ def test_rloo_with_a_reward_model_as_second_input(base_ckpt, tmp_path):
 def test_batch_must_hold_whole_groups():
     with pytest.raises(ValueError, match="multiple of num_generations"):
         GRPOSettings(task="add", num_generations=6, per_device_train_batch_size=32)
+
+
+@pytest.mark.slow
+def test_grpo_raises_accuracy_over_a_weak_sft_start(base_ckpt, tmp_path):
+    from align.sft import SFTSettings
+    from align.sft import run as sft
+    from polm.evaluate import evaluate_checkpoint
+
+    warm = sft([base_ckpt], SFTSettings(task="add", max_steps=120), tmp_path / "warm")
+    before = evaluate_checkpoint(warm, ["add"], n=200, with_perplexity=False)
+    tuned = run([warm], GRPOSettings(task="add", max_steps=200, logging_steps=50), tmp_path / "g")
+    after = evaluate_checkpoint(tuned, ["add"], n=200, with_perplexity=False)
+    # measured +13 and +16 points on 500 examples (seeds 0 and 1); the base is <= 5%
+    assert after["eval.add.accuracy"] >= before["eval.add.accuracy"] + 0.05, (before, after)
+    m = tuned.manifest.metrics
+    assert m["train.last_reward"] > m["train.first_reward"]
