@@ -158,11 +158,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def is_main_process() -> bool:
-    """In a multi-process (DDP) run only rank 0 writes checkpoints."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 class Staging:
     """A temporary sibling directory that becomes a checkpoint on :meth:`commit`."""
 
