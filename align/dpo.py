@@ -19,12 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from polm.checkpoint import Checkpoint
-from polm.tasks import validate_task_names
 from polm.training import (
-    TrainingSettings,
+    DataSettings,
     save_trained,
     scratch_dir,
     single_input,
@@ -33,20 +32,11 @@ from polm.training import (
 )
 
 STAGE = "align.dpo"
-REFERENCE_FREE = ("simpo", "orpo")
 
 
-class DPOSettings(TrainingSettings):
+class DPOSettings(DataSettings):
     """Settings of ``align.dpo``; names follow TRL's DPO / CPO / ORPO / KTO configs."""
 
-    task: str | list[str] | None = Field(
-        default=None, description="Built-in task(s) whose preference pairs to train on."
-    )
-    dataset: str | None = Field(
-        default=None,
-        description="Local preference data (prompt/chosen/rejected), instead of `task`.",
-    )
-    n_train: int | None = Field(default=None, gt=0, description="First N pairs (per task).")
     loss: Literal["sigmoid", "ipo", "hinge", "cdpo", "robust", "simpo", "orpo", "kto"] = Field(
         default="sigmoid", description="The preference loss (see the module docstring)."
     )
@@ -66,12 +56,8 @@ class DPOSettings(TrainingSettings):
     learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(default=16, gt=0, description="Batch per process.")
 
-    _known_tasks = field_validator("task")(validate_task_names)
-
     @model_validator(mode="after")
     def _check(self):
-        if (self.task is None) == (self.dataset is None):
-            raise ValueError("give exactly one of `task` (built-in) or `dataset` (local file)")
         if self.loss in ("cdpo", "robust") and self.label_smoothing == 0:
             raise ValueError(f"loss {self.loss!r} needs label_smoothing > 0 (e.g. 0.1)")
         return self

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 
 from polm.checkpoint import Checkpoint
 from polm.preference import preference_dataset
-from polm.tasks import validate_task_names
 from polm.training import (
-    TrainingSettings,
+    DataSettings,
     save_trained,
     scratch_dir,
     single_input,
@@ -28,32 +27,15 @@ from polm.training import (
 STAGE = "align.reward"
 
 
-class RewardSettings(TrainingSettings):
+class RewardSettings(DataSettings):
     """Settings of ``align.reward``; training fields use TRL names."""
 
-    task: str | list[str] | None = Field(
-        default=None, description="Built-in task(s) whose preference pairs to train on."
-    )
-    dataset: str | None = Field(
-        default=None,
-        description="Local preference data (prompt/chosen/rejected, JSONL/CSV/parquet or a "
-        "saved datasets dir), instead of `task`.",
-    )
-    n_train: int | None = Field(default=None, gt=0, description="First N pairs (per task).")
     learning_rate: float = Field(default=5e-4, gt=0, description="Peak learning rate.")
     center_rewards_coefficient: float | None = Field(
         default=0.01,
         description="Pull rewards toward zero mean (Eisenstein et al., arXiv 2312.09244), so "
         "their scale stays usable for RL.",
     )
-
-    _known_tasks = field_validator("task")(validate_task_names)
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.task is None) == (self.dataset is None):
-            raise ValueError("give exactly one of `task` (built-in) or `dataset` (local file)")
-        return self
 
 
 def run(inputs: list[Checkpoint], settings: RewardSettings, out: Path) -> Checkpoint | None:

@@ -16,12 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from polm.checkpoint import Checkpoint
-from polm.tasks import validate_task_names
 from polm.training import (
-    TrainingSettings,
+    DataSettings,
     save_trained,
     scratch_dir,
     single_input,
@@ -32,20 +31,9 @@ from polm.training import (
 STAGE = "align.sft"
 
 
-class SFTSettings(TrainingSettings):
+class SFTSettings(DataSettings):
     """Settings of ``align.sft``; training fields use TRL / transformers names."""
 
-    task: str | list[str] | None = Field(
-        default=None, description="Built-in task(s) to train on, e.g. add or [add, reverse]."
-    )
-    dataset: str | None = Field(
-        default=None,
-        description="Local JSONL/CSV/parquet/text file, saved datasets dir, or "
-        "builtin:prose (continued pretraining). Used instead of `task`.",
-    )
-    n_train: int | None = Field(
-        default=None, gt=0, description="Use the first N examples (per task) only."
-    )
     method: Literal["full", "lora", "prefix", "prompt"] = Field(
         default="full", description="Full fine-tuning or a PEFT method."
     )
@@ -66,12 +54,8 @@ class SFTSettings(TrainingSettings):
         default=True, description="Loss on assistant tokens only (chat data)."
     )
 
-    _known_tasks = field_validator("task")(validate_task_names)
-
     @model_validator(mode="after")
     def _check(self):
-        if (self.task is None) == (self.dataset is None):
-            raise ValueError("give exactly one of `task` (built-in) or `dataset` (local file)")
         if self.method in ("prefix", "prompt") and self.output_format == "hf":
             raise ValueError(
                 f"{self.method} tuning cannot be merged into the weights; use "

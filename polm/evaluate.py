@@ -149,10 +149,7 @@ def preference_accuracy(model, tokenizer, task: str, n: int | None = None) -> di
     """Share of held-out pairs where the chosen answer is more likely than the rejected one."""
     from polm.preference import preference_pairs
 
-    rows = preference_pairs(task, "test", n)
-    lp = completion_logprobs(model, tokenizer, rows)
-    margins = [c - r for c, r in zip(lp[0::2], lp[1::2])]
-    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "n": len(margins)}
+    return _chosen_wins(completion_logprobs(model, tokenizer, preference_pairs(task, "test", n)))
 
 
 def reward_scores(model, tokenizer, rows: list[dict], batch_size: int = 128) -> list[float]:
@@ -172,9 +169,12 @@ def pairwise_accuracy(model, tokenizer, task: str, n: int | None = None) -> dict
     """Share of held-out pairs a reward model scores chosen above rejected."""
     from polm.preference import preference_pairs
 
-    rows = preference_pairs(task, "test", n)
-    s = reward_scores(model, tokenizer, rows)
-    wins = [c > r for c, r in zip(s[0::2], s[1::2])]
+    return _chosen_wins(reward_scores(model, tokenizer, preference_pairs(task, "test", n)))
+
+
+def _chosen_wins(scores: list[float]) -> dict:
+    """From interleaved (chosen, rejected) scores: the share of pairs the chosen one wins."""
+    wins = [c > r for c, r in zip(scores[0::2], scores[1::2])]
     return {"accuracy": sum(wins) / len(wins), "n": len(wins)}
 
 

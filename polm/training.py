@@ -13,10 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from polm.checkpoint import Checkpoint, staging
 from polm.settings import StageSettings
+from polm.tasks import validate_task_names
 
 
 class TrainingSettings(StageSettings):
@@ -52,6 +53,32 @@ class TrainingSettings(StageSettings):
     )
     logging_steps: int = Field(default=25, gt=0, description="Log the loss every N steps.")
     seed: int = Field(default=0, description="Seed for init, shuffling and dropout.")
+
+
+class DataSettings(TrainingSettings):
+    """Training settings plus where the data comes from: a built-in task or a local file."""
+
+    task: str | list[str] | None = Field(
+        default=None,
+        description="Built-in task(s) to train on, e.g. add or [add, reverse] (their examples, "
+        "preference pairs or prompts, as the stage needs).",
+    )
+    dataset: str | None = Field(
+        default=None,
+        description="Local data in the TRL format the stage takes: JSONL/JSON/CSV/parquet/text "
+        "file or a saved datasets dir (builtin:prose: plain text). Used instead of `task`.",
+    )
+    n_train: int | None = Field(
+        default=None, gt=0, description="Use the first N examples (per task) only."
+    )
+
+    _known_tasks = field_validator("task")(validate_task_names)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.task is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `task` (built-in) or `dataset` (local file)")
+        return self
 
 
 def single_input(inputs: list[Checkpoint], stage: str, *formats: str) -> Checkpoint:
