@@ -109,7 +109,7 @@ def run(inputs: list[Checkpoint], settings: DPOSettings, out: Path) -> Checkpoin
     dataset = preference_dataset(s.task, s.dataset, s.n_train, s.seed)
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(base)
-    trainer = build_trainer(s, model, tokenizer, dataset, scratch_dir(out))
+    trainer = build_trainer(s, model, tokenizer, dataset, scratch_dir(out, s, [base]))
     metrics = train(trainer)
     return save_trained(
         trainer, tokenizer, out, stage=STAGE, settings=s, parents=[base], metrics=metrics

@@ -144,7 +144,7 @@ def run(inputs: list[Checkpoint], settings: GRPOSettings, out: Path) -> Checkpoi
         from trl import GRPOTrainer as Trainer
 
         common["loss_type"] = s.loss_type
-    args = Config(**trainer_args(s, scratch_dir(out), Config), **common)
+    args = Config(**trainer_args(s, scratch_dir(out, s, inputs), Config), **common)
     trainer = Trainer(
         model=model,
         reward_funcs=reward_funcs,

@@ -57,7 +57,7 @@ def run(inputs: list[Checkpoint], settings: RewardSettings, out: Path) -> Checkp
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     args = RewardConfig(
-        **trainer_args(s, scratch_dir(out)),
+        **trainer_args(s, scratch_dir(out, s, [base])),
         center_rewards_coefficient=s.center_rewards_coefficient,
     )
     trainer = RewardTrainer(

@@ -124,7 +124,7 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(base)
     args = SFTConfig(
-        **trainer_args(s, scratch_dir(out)),
+        **trainer_args(s, scratch_dir(out, s, [base])),
         packing=s.packing,
         assistant_only_loss=s.assistant_only_loss and chat,
     )

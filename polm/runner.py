@@ -49,8 +49,13 @@ def finished(out: Path, ihash: str) -> Checkpoint | None:
 
 
 def clean_stale(out: Path) -> None:
-    """Remove temporary siblings left by an interrupted write of ``out``."""
+    """Remove temporary siblings left by an interrupted write of ``out`` (saved training steps,
+    ``.<out>.resume-*``, stay: the stage resumes from them when its inputs are unchanged)."""
+    from polm.training import RESUME_PREFIX
+
     for tmp in out.parent.glob(f".{out.name}.*"):
+        if tmp.name.startswith(f".{out.name}.{RESUME_PREFIX}"):
+            continue
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 

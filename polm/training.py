@@ -8,6 +8,9 @@ and multi-process saving the same everywhere.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import shutil
 import tempfile
 import time
@@ -18,6 +21,9 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from polm.checkpoint import Checkpoint, staging
 from polm.settings import StageSettings
 from polm.tasks import validate_task_names
+
+log = logging.getLogger("polm")
+TRAIN_LOG = "train_log.json"  # the trainer's log history (loss, lr, rewards per logged step)
 
 
 class TrainingSettings(StageSettings):
@@ -52,6 +58,14 @@ class TrainingSettings(StageSettings):
         "slows small models and drops prefix tuning's key/value prefix).",
     )
     logging_steps: int = Field(default=25, gt=0, description="Log the loss every N steps.")
+    save_steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="Save a resumable trainer state (weights as safetensors; optimizer, "
+        "scheduler and RNG states loaded back with torch's weights-only loader) every N steps "
+        "beside the output; re-running the same stage with the same inputs and settings "
+        "resumes from the last one and gives the same losses as an uninterrupted run.",
+    )
     seed: int = Field(default=0, description="Seed for init, shuffling and dropout.")
 
 
@@ -91,11 +105,64 @@ def single_input(inputs: list[Checkpoint], stage: str, *formats: str) -> Checkpo
     return inputs[0]
 
 
-def scratch_dir(out: Path) -> Path:
-    """The trainer's scratch space, beside the output, where `polm run` cleans up after a kill."""
+RESUME_PREFIX = "resume-"
+SAVED_MARKER = ".polm-saved"
+
+
+def scratch_dir(
+    out: Path, settings: TrainingSettings | None = None, parents: list[Checkpoint] = ()
+) -> Path:
+    """The trainer's scratch space, beside the output.
+
+    Without ``save_steps`` it is a fresh temporary directory that `polm run` removes after a
+    kill. With ``save_steps`` it is ``.<out>.resume-<key>``, where the key hashes the stage
+    settings and the inputs' content hashes: the same stage re-run on the same inputs finds its
+    saved steps there and resumes; anything else starts over (older resume dirs are removed).
+    """
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    if settings is None or settings.save_steps is None:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    blob = json.dumps(
+        {
+            "settings": settings.model_dump(mode="json"),
+            "settings_class": type(settings).__qualname__,
+            "inputs": [p.manifest.content_hash for p in parents],
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    workdir = out.parent / f".{out.name}.{RESUME_PREFIX}{key}"
+    for old in out.parent.glob(f".{out.name}.{RESUME_PREFIX}*"):
+        if old != workdir:
+            shutil.rmtree(old, ignore_errors=True)
+    workdir.mkdir(exist_ok=True)
+    return workdir
+
+
+def last_saved_step(workdir: Path) -> Path | None:
+    """The newest trainer checkpoint in ``workdir`` that was written completely."""
+    saved = [
+        d
+        for d in Path(workdir).glob("checkpoint-*")
+        if d.name.split("-")[-1].isdigit() and (d / SAVED_MARKER).exists()
+    ]
+    return max(saved, key=lambda d: int(d.name.split("-")[-1]), default=None)
+
+
+def _mark_saved_callback():
+    from transformers import TrainerCallback
+
+    class MarkSaved(TrainerCallback):
+        """Marks a trainer checkpoint as complete once transformers has written all of it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    (ckpt / SAVED_MARKER).touch()
+
+    return MarkSaved()
 
 
 def trainer_args(s: TrainingSettings, workdir: Path, config_cls=None) -> dict:
@@ -122,7 +189,9 @@ def trainer_args(s: TrainingSettings, workdir: Path, config_cls=None) -> dict:
         data_seed=s.seed,
         logging_steps=s.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if s.save_steps else "no",
+        save_steps=s.save_steps or 500,
+        save_total_limit=2,  # the older is deleted only after the newer is complete
         report_to="none",
         full_determinism=True,
         dataloader_num_workers=0,
@@ -136,8 +205,14 @@ def trainer_args(s: TrainingSettings, workdir: Path, config_cls=None) -> dict:
 
 def train(trainer) -> dict:
     """Run ``trainer`` and return the training summary for the manifest."""
+    workdir = Path(trainer.args.output_dir)
+    resume = last_saved_step(workdir) if trainer.args.save_strategy != "no" else None
+    if trainer.args.save_strategy != "no":
+        trainer.add_callback(_mark_saved_callback())
+    if resume is not None:
+        log.info("resuming from %s", resume)
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {
@@ -160,7 +235,8 @@ def train(trainer) -> dict:
     for key, value in last.items():  # trainer-specific diagnostics, e.g. DPO's reward margins
         if key.startswith("rewards/") and isinstance(value, (int, float)):
             metrics[f"train.{key.replace('/', '_')}"] = value
-    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    if resume is not None:
+        metrics["train.resumed_from_step"] = int(resume.name.split("-")[-1])
     return metrics
 
 
@@ -191,7 +267,8 @@ def save_trained(
     with staging(out) as st:
         model.save_pretrained(st.dir, state_dict=state_dict)
         tokenizer.save_pretrained(st.dir)
-        return st.commit(
+        (st.dir / TRAIN_LOG).write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        ckpt = st.commit(
             stage=stage,
             format=format,
             settings=settings,
@@ -199,3 +276,5 @@ def save_trained(
             seed=settings.seed,
             metrics=metrics,
         )
+    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # scratch and saved steps
+    return ckpt
