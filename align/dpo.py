@@ -53,6 +53,13 @@ class DPOSettings(DataSettings):
         description="Assumed share of flipped preference labels (cdpo, robust).",
     )
     simpo_gamma: float = Field(default=0.5, ge=0, description="SimPO target reward margin.")
+    sft_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Weight of an SFT (negative log-likelihood) term on the chosen answers, "
+        "added to the DPO-family loss (RPO, Pang et al., arXiv 2404.19733; TRL's loss_type "
+        "'sft'): it keeps DPO from lowering the chosen answers' likelihood with the rejected.",
+    )
     learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(default=16, gt=0, description="Batch per process.")
 
@@ -60,6 +67,11 @@ class DPOSettings(DataSettings):
     def _check(self):
         if self.loss in ("cdpo", "robust") and self.label_smoothing == 0:
             raise ValueError(f"loss {self.loss!r} needs label_smoothing > 0 (e.g. 0.1)")
+        if self.sft_weight and self.loss in ("simpo", "orpo", "kto"):
+            raise ValueError(
+                f"sft_weight applies to the DPO losses; {self.loss!r} has its own (orpo has an "
+                "SFT term built in)"
+            )
         return self
 
 
@@ -91,8 +103,15 @@ def build_trainer(s: DPOSettings, model, tokenizer, dataset, workdir: Path):
     from trl import DPOConfig, DPOTrainer
 
     loss_type = "sigmoid" if s.loss == "cdpo" else s.loss
+    losses, weights = [loss_type], [1.0]
+    if s.sft_weight:
+        losses, weights = [loss_type, "sft"], [1.0, s.sft_weight]
     args = DPOConfig(
-        **common, loss_type=[loss_type], beta=s.beta, label_smoothing=s.label_smoothing
+        **common,
+        loss_type=losses,
+        loss_weights=weights,
+        beta=s.beta,
+        label_smoothing=s.label_smoothing,
     )
     # ref_model=None: TRL keeps a frozen copy of the starting model as the reference
     return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)

@@ -22,7 +22,14 @@ from pydantic import Field, field_validator, model_validator
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
 from polm.tasks import get_task, validate_task_names
-from polm.training import TrainingSettings, save_trained, scratch_dir, train, trainer_args
+from polm.training import (
+    TrainingSettings,
+    require_policy,
+    save_trained,
+    scratch_dir,
+    train,
+    trainer_args,
+)
 
 STAGE = "align.grpo"
 FORMATS = {
@@ -108,6 +115,7 @@ def run(inputs: list[Checkpoint], settings: GRPOSettings, out: Path) -> Checkpoi
         raise PolmError(f"{STAGE} takes a policy and optionally a reward model, got {len(inputs)}.")
     policy = inputs[0]
     policy.require_format("hf", stage=STAGE)
+    require_policy(policy, STAGE)
     if len(inputs) == 2 and not is_reward_model(inputs[1]):
         raise PolmError(
             f"{STAGE}: the second input must be a reward model (made by align.reward); "

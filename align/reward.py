@@ -46,7 +46,7 @@ def run(inputs: list[Checkpoint], settings: RewardSettings, out: Path) -> Checkp
     from polm.importer import check_safetensors
     from polm.loading import load_tokenizer
 
-    base = single_input(inputs, STAGE, "hf")
+    base = single_input(inputs, STAGE, "hf", causal_lm=False)
     s = settings
     dataset = preference_dataset(s.task, s.dataset, s.n_train, s.seed)
     torch.manual_seed(s.seed)

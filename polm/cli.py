@@ -92,12 +92,35 @@ def cmd_eval(a) -> None:
 
     ckpt = Checkpoint.open(a.ckpt)
     metrics = evaluate_checkpoint(ckpt, a.task, n=a.n)
+    if a.self_refine:
+        metrics |= self_refine_metrics(ckpt, a.task, a.n, a.self_refine, a.trace)
     ckpt.update_metrics(metrics)
     if a.json:
         print(json.dumps(metrics, indent=2))
     else:
         for k, v in metrics.items():
             print(f"{k:<28} {v:.4f}" if isinstance(v, float) else f"{k:<28} {v}")
+
+
+def self_refine_metrics(ckpt, tasks, n, rounds, trace) -> dict:
+    from polm.loading import is_reward_model, load_model
+    from polm.refine import CRITICS, refined_accuracy
+
+    if is_reward_model(ckpt):
+        raise PolmError("--self-refine needs a language model; this is a reward model.")
+    missing = [t for t in tasks if t not in CRITICS]
+    if missing:
+        raise PolmError(f"no self-refine critic for task(s) {', '.join(missing)}.")
+    model, tokenizer = load_model(ckpt)
+    if trace:
+        Path(trace).write_text("")
+    out = {}
+    for task in tasks:
+        r = refined_accuracy(model, tokenizer, task, n, rounds, trace)
+        out[f"eval.{task}.self_refine_accuracy"] = r["self_refine_accuracy"]
+        out[f"eval.{task}.self_refine_rounds"] = rounds
+        out[f"eval.{task}.self_refine_revised"] = r["revised"]
+    return out
 
 
 def cmd_import(a) -> None:
@@ -174,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ckpt")
     s.add_argument("--task", action="append", required=True, help="task name (repeatable)")
     s.add_argument("--n", type=int, help="first N test examples only")
+    s.add_argument(
+        "--self-refine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also answer with N rounds of generate-critique-revise (verifier critic)",
+    )
+    s.add_argument("--trace", help="write each self-refine answer and critique to this JSONL")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_eval)
     s = sub.add_parser("import", help="import builtin:NAME, an HF directory or a .gguf file")

@@ -48,6 +48,47 @@ def greedy_generate(
     return outs
 
 
+def sample_generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    num_return_sequences: int,
+    temperature: float,
+    batch_size: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[list[str]]:
+    """``num_return_sequences`` sampled completions for each chat prompt (seed beforehand)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    outs: list[list[str]] = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts[i : i + batch_size]
+        ]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        with torch.no_grad():
+            gen = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=num_return_sequences,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        flat = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        k = num_return_sequences
+        outs += [flat[j : j + k] for j in range(0, len(flat), k)]
+    return outs
+
+
 def accuracy(model, tokenizer, task: str, n: int | None = None, batch_size: int = 128) -> dict:
     """Exact-match accuracy on the task's test split (first ``n`` examples when given)."""
     t = get_task(task)

@@ -42,6 +42,18 @@ STAGES: dict[str, StageEntry] = {
         "preference optimization: DPO, IPO, hinge, cDPO, robust DPO, SimPO, ORPO, KTO",
         trains=True,
     ),
+    "align.ppo": StageEntry(
+        "align.ppo:run",
+        "align.ppo:PPOSettings",
+        "RLHF with PPO: value head, GAE, clipped objective, fixed or adaptive KL penalty; "
+        "reward model or task verifier",
+    ),
+    "align.rlaif": StageEntry(
+        "align.rlaif:run",
+        "align.rlaif:RLAIFSettings",
+        "RL from AI feedback: a judge (reward model or LM) labels pairs sampled from the "
+        "policy, optionally self-refined; DPO trains on them",
+    ),
     "align.grpo": StageEntry(
         "align.grpo:run",
         "align.grpo:GRPOSettings",

@@ -95,14 +95,31 @@ class DataSettings(TrainingSettings):
         return self
 
 
-def single_input(inputs: list[Checkpoint], stage: str, *formats: str) -> Checkpoint:
-    """The one input of a single-model stage, refused before any load if its format is wrong."""
+def single_input(
+    inputs: list[Checkpoint], stage: str, *formats: str, causal_lm: bool = True
+) -> Checkpoint:
+    """The one input of a single-model stage, refused before any load if its format is wrong
+    (or, for stages that train a language model, if it is a reward model)."""
     from polm.errors import PolmError
 
     if len(inputs) != 1:
         raise PolmError(f"{stage} takes one input model, got {len(inputs)}.")
     inputs[0].require_format(*(formats or ("hf",)), stage=stage)
+    if causal_lm:
+        require_policy(inputs[0], stage)
     return inputs[0]
+
+
+def require_policy(ckpt: Checkpoint, stage: str) -> None:
+    """Refuse a reward model (sequence-classification head) where a causal LM is expected."""
+    from polm.errors import PolmError
+    from polm.loading import is_reward_model
+
+    if is_reward_model(ckpt):
+        raise PolmError(
+            f"{stage} trains a causal language model, but {ckpt.path} is a reward model "
+            f"(made by {ckpt.stage}); give the policy checkpoint instead."
+        )
 
 
 RESUME_PREFIX = "resume-"
@@ -251,6 +268,7 @@ def save_trained(
     metrics: dict,
     format: str = "hf",
     merge_lora: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Checkpoint | None:
     """Write the trained model as a checkpoint; rank 0 writes, every rank must call this.
 
@@ -268,6 +286,8 @@ def save_trained(
         model.save_pretrained(st.dir, state_dict=state_dict)
         tokenizer.save_pretrained(st.dir)
         (st.dir / TRAIN_LOG).write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        for name, text in (extra_files or {}).items():
+            (st.dir / name).write_text(text)
         ckpt = st.commit(
             stage=stage,
             format=format,

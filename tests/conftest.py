@@ -35,6 +35,18 @@ def base_ckpt(tmp_path_factory):
     return import_model("builtin:tiny-base", tmp_path_factory.mktemp("models") / "base")
 
 
+@pytest.fixture(scope="session")
+def warm_sft(base_ckpt, tmp_path_factory):
+    """A 120-step SFT on add: the answer format learned, ~20% exact match; the start for the
+    RL stages (read-only for tests)."""
+    from align.sft import SFTSettings
+    from align.sft import run as sft
+
+    return sft(
+        [base_ckpt], SFTSettings(task="add", max_steps=120), tmp_path_factory.mktemp("warm") / "s"
+    )
+
+
 @pytest.fixture
 def base_copy(base_ckpt, tmp_path):
     """A private copy of the base checkpoint, for tests that modify it."""

@@ -74,12 +74,10 @@ def test_batch_must_hold_whole_groups():
 
 
 @pytest.mark.slow
-def test_grpo_raises_accuracy_over_a_weak_sft_start(base_ckpt, tmp_path):
-    from align.sft import SFTSettings
-    from align.sft import run as sft
+def test_grpo_raises_accuracy_over_a_weak_sft_start(warm_sft, tmp_path):
     from polm.evaluate import evaluate_checkpoint
 
-    warm = sft([base_ckpt], SFTSettings(task="add", max_steps=120), tmp_path / "warm")
+    warm = warm_sft
     before = evaluate_checkpoint(warm, ["add"], n=200, with_perplexity=False)
     tuned = run([warm], GRPOSettings(task="add", max_steps=200, logging_steps=50), tmp_path / "g")
     after = evaluate_checkpoint(tuned, ["add"], n=200, with_perplexity=False)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from polm.checkpoint import MANIFEST, Checkpoint
-from tests.conftest import polm_cli
+from tests.conftest import REPO, polm_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -120,3 +120,28 @@ def test_sigkill_mid_stage_then_rerun_completes(tmp_path):
     assert _statuses(work)["sft"] == "ran"
     assert Checkpoint.open(work / "sft").manifest.metrics["train.steps"] == 20
     assert not list(work.glob(".sft.*"))
+
+
+def test_rlhf_recipe_chains_sft_reward_ppo_and_grpo(tmp_path):
+    """The shape of recipes/rlhf.yaml, shrunk: sft -> reward -> ppo and sft -> grpo."""
+    raw = yaml.safe_load((REPO / "recipes" / "rlhf.yaml").read_text())
+    shrink = {
+        "sft": {"max_steps": 20},
+        "sft_strong": {"max_steps": 20},
+        "reward": {"max_steps": 10},
+        "ppo": {"max_steps": 3, "eval_prompts": 8, "per_device_train_batch_size": 8},
+        "grpo": {"max_steps": 2, "per_device_train_batch_size": 8},
+        "rlaif": {"n_train": 32, "max_steps": 2},
+    }
+    for sid, overrides in shrink.items():
+        raw["stages"][sid]["with"].update(overrides)
+    recipe = tmp_path / "rlhf.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    work = tmp_path / "run"
+    _run(recipe, work)
+    assert set(_statuses(work).values()) == {"ran"}
+    ppo = Checkpoint.open(work / "ppo").manifest
+    assert [p.stage for p in ppo.parents] == ["align.sft", "align.reward"]
+    assert ppo.metrics["train.reward_source"] == "model" and "eval.add.accuracy" in ppo.metrics
+    assert Checkpoint.open(work / "grpo").manifest.parents[0].path == str(work / "sft")
+    assert (work / "rlaif" / "rlaif_pairs.jsonl").is_file()
