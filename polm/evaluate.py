@@ -15,6 +15,32 @@ from polm.tasks import get_task
 MAX_NEW_TOKENS = 48
 
 
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """A user turn rendered with the chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, **sampling):
+    """Decoded continuations of ``texts`` (left-padded, one batch); with
+    ``num_return_sequences`` in ``sampling``, that many per text, in order."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    with torch.no_grad():
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
+    return tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 def greedy_generate(
     model,
     tokenizer,
@@ -23,28 +49,10 @@ def greedy_generate(
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[str]:
     """Greedy completions for chat ``prompts`` (user turns), decoded in left-padded batches."""
-    import torch
-
-    tokenizer.padding_side = "left"
     outs: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        chats = [[{"role": "user", "content": p}] for p in prompts[i : i + batch_size]]
-        texts = [
-            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-            for c in chats
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        with torch.no_grad():
-            gen = model.generate(
-                **enc,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        new = gen[:, enc["input_ids"].shape[1] :]
-        outs += tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
+        outs += generate_texts(model, tokenizer, texts, max_new_tokens, do_sample=False)
     return outs
 
 
@@ -58,33 +66,21 @@ def sample_generate(
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[list[str]]:
     """``num_return_sequences`` sampled completions for each chat prompt (seed beforehand)."""
-    import torch
-
-    tokenizer.padding_side = "left"
+    k = num_return_sequences
     outs: list[list[str]] = []
     for i in range(0, len(prompts), batch_size):
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts[i : i + batch_size]
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        with torch.no_grad():
-            gen = model.generate(
-                **enc,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                num_return_sequences=num_return_sequences,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        flat = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        k = num_return_sequences
+        texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
+        flat = generate_texts(
+            model,
+            tokenizer,
+            texts,
+            max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=k,
+        )
         outs += [flat[j : j + k] for j in range(0, len(flat), k)]
     return outs
 

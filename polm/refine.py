@@ -83,27 +83,10 @@ class Trace:
 
 def continue_answers(model, tokenizer, prompts: list[str], prefixes: list[str], max_new_tokens):
     """Greedy continuations of assistant answers that start with ``prefixes``."""
-    import torch
+    from polm.evaluate import chat_prompt, generate_texts
 
-    tokenizer.padding_side = "left"
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        + prefix
-        for p, prefix in zip(prompts, prefixes)
-    ]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    with torch.no_grad():
-        gen = model.generate(
-            **enc,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    rest = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    texts = [chat_prompt(tokenizer, p) + prefix for p, prefix in zip(prompts, prefixes)]
+    rest = generate_texts(model, tokenizer, texts, max_new_tokens, do_sample=False)
     return [prefix + r for prefix, r in zip(prefixes, rest)]
 
 
