@@ -257,6 +257,13 @@ def train(trainer) -> dict:
     return metrics
 
 
+def _timeless(log_history: list[dict]) -> list[dict]:
+    """The log without wall-clock fields, so the same seed writes the same bytes (the time is in
+    the manifest's metrics)."""
+    drop = ("runtime", "per_second")
+    return [{k: v for k, v in h.items() if not any(d in k for d in drop)} for h in log_history]
+
+
 def save_trained(
     trainer,
     tokenizer,
@@ -285,7 +292,7 @@ def save_trained(
     with staging(out) as st:
         model.save_pretrained(st.dir, state_dict=state_dict)
         tokenizer.save_pretrained(st.dir)
-        (st.dir / TRAIN_LOG).write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        (st.dir / TRAIN_LOG).write_text(json.dumps(_timeless(trainer.state.log_history)) + "\n")
         for name, text in (extra_files or {}).items():
             (st.dir / name).write_text(text)
         ckpt = st.commit(
