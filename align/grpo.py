@@ -92,14 +92,13 @@ def well_formed(prompts, completions, task, **_) -> list[float]:
 
 def reward_model_scorer(ckpt: Checkpoint):
     """A TRL reward function backed by an ``align.reward`` checkpoint."""
-    from polm.evaluate import reward_scores
+    from polm.evaluate import score_completions
     from polm.loading import load_reward_model
 
     model, tok = load_reward_model(ckpt)
 
     def reward_model(prompts, completions, **_) -> list[float]:
-        rows = [{"prompt": p, "chosen": c, "rejected": c} for p, c in zip(prompts, completions)]
-        return reward_scores(model, tok, rows)[0::2]
+        return score_completions(model, tok, prompts, completions)
 
     return reward_model
 

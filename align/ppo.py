@@ -307,15 +307,12 @@ class Scorer:
 
     def __call__(self, prompts: list[Prompt], texts: list[str]) -> list[float]:
         if self.kind == "model":
-            from polm.evaluate import reward_scores
+            from polm.evaluate import score_completions
 
-            rows = [
-                {"prompt": p.messages, "chosen": [{"role": "assistant", "content": t}]}
-                for p, t in zip(prompts, texts)
-            ]
-            for r in rows:
-                r["rejected"] = r["chosen"]
-            return reward_scores(self.model, self.tokenizer, rows)[0::2]
+            answers = [[{"role": "assistant", "content": t}] for t in texts]
+            return score_completions(
+                self.model, self.tokenizer, [p.messages for p in prompts], answers
+            )
         from polm.tasks import get_task
 
         return [get_task(p.task).score(t, p.example) for p, t in zip(prompts, texts)]

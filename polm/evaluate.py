@@ -136,15 +136,18 @@ def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _encode_pairs(tokenizer, rows: list[dict]):
-    """Chat-render each row's prompt+chosen and prompt+rejected; return ids and the prompt
-    lengths (the completion is what follows the prompt)."""
+PAIR = ("chosen", "rejected")
+
+
+def _encode_pairs(tokenizer, rows: list[dict], keys: tuple[str, ...] = PAIR):
+    """Chat-render each row's prompt + each of ``keys`` (chosen and rejected by default); return
+    ids and the prompt lengths (the completion is what follows the prompt)."""
     seqs, prompt_lens = [], []
     for r in rows:
         prompt = tokenizer.apply_chat_template(
             r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True
         )["input_ids"]
-        for key in ("chosen", "rejected"):
+        for key in keys:
             full = tokenizer.apply_chat_template(
                 r["prompt"] + r[key], tokenize=True, return_dict=True
             )["input_ids"]
@@ -189,17 +192,26 @@ def preference_accuracy(model, tokenizer, task: str, n: int | None = None) -> di
     return _chosen_wins(completion_logprobs(model, tokenizer, preference_pairs(task, "test", n)))
 
 
-def reward_scores(model, tokenizer, rows: list[dict], batch_size: int = 128) -> list[float]:
-    """A reward model's score of each chosen and rejected conversation, interleaved."""
+def reward_scores(
+    model, tokenizer, rows: list[dict], batch_size: int = 128, keys: tuple[str, ...] = PAIR
+) -> list[float]:
+    """A reward model's score of each row's conversations (prompt + each of ``keys``; chosen and
+    rejected by default), interleaved."""
     import torch
 
-    seqs, _ = _encode_pairs(tokenizer, rows)
+    seqs, _ = _encode_pairs(tokenizer, rows, keys)
     out: list[float] = []
     for i in range(0, len(seqs), batch_size):
         ids, mask = _padded(seqs[i : i + batch_size], tokenizer.pad_token_id, model.device)
         with torch.no_grad():
             out += model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
     return out
+
+
+def score_completions(model, tokenizer, prompts: list, completions: list) -> list[float]:
+    """A reward model's score of each (prompt messages, completion messages) conversation."""
+    rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+    return reward_scores(model, tokenizer, rows, keys=("completion",))
 
 
 def pairwise_accuracy(model, tokenizer, task: str, n: int | None = None) -> dict:

@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test` runs two pytest-xdist workers: each (and each `polm` it starts) gets its share of
+    # the cores. Tiny models are dispatch-bound, so two 1-thread workers beat one 2-thread run.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -78,10 +78,10 @@ def test_grpo_raises_accuracy_over_a_weak_sft_start(warm_sft, tmp_path):
     from polm.evaluate import evaluate_checkpoint
 
     warm = warm_sft
-    before = evaluate_checkpoint(warm, ["add"], n=200, with_perplexity=False)
+    before = evaluate_checkpoint(warm, ["add"], n=500, with_perplexity=False)
     tuned = run([warm], GRPOSettings(task="add", max_steps=200, logging_steps=50), tmp_path / "g")
-    after = evaluate_checkpoint(tuned, ["add"], n=200, with_perplexity=False)
-    # measured +13 and +16 points on 500 examples (seeds 0 and 1); the base is <= 5%
-    assert after["eval.add.accuracy"] >= before["eval.add.accuracy"] + 0.05, (before, after)
+    after = evaluate_checkpoint(tuned, ["add"], n=500, with_perplexity=False)
+    # measured 22.0% -> 35.4% and 37.8% on these 500 examples (seeds 0 and 1)
+    assert after["eval.add.accuracy"] >= before["eval.add.accuracy"] + 0.10, (before, after)
     m = tuned.manifest.metrics
     assert m["train.last_reward"] > m["train.first_reward"]

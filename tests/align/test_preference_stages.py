@@ -13,7 +13,7 @@ from polm.evaluate import completion_logprobs, evaluate_checkpoint
 from polm.loading import is_reward_model, load_model
 from polm.preference import preference_pairs
 
-HELD_OUT = preference_pairs("add", "test", 64)
+HELD_OUT = preference_pairs("add", "test", 500)
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,12 @@ def weak_sft(base_ckpt, tmp_path_factory):
     )
 
 
-def mean_margin(ckpt) -> float:
+def held_out(ckpt) -> tuple[float, float]:
+    """Preference accuracy (chosen log-prob margin > 0) and mean margin on 500 held-out pairs."""
     model, tok = load_model(ckpt)
     lp = completion_logprobs(model, tok, HELD_OUT)
-    return sum(c - r for c, r in zip(lp[0::2], lp[1::2])) / len(HELD_OUT)
+    margins = [c - r for c, r in zip(lp[0::2], lp[1::2])]
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 
 @pytest.mark.parametrize(
@@ -39,13 +41,15 @@ def mean_margin(ckpt) -> float:
         ("cdpo", {"label_smoothing": 0.1}),
         ("robust", {"label_smoothing": 0.1}),
         ("simpo", {"beta": 2.0}),
-        ("orpo", {}),
+        ("orpo", {"beta": 1.0}),  # TRL's 0.1 weights the odds-ratio term too lightly for 25 steps
         # KTO estimates its KL baseline from mismatched pairs within a batch: give it a bigger one
         ("kto", {"per_device_train_batch_size": 32, "max_steps": 40}),
     ],
 )
-def test_every_preference_loss_widens_the_held_out_margin(loss, extra, weak_sft, tmp_path):
-    before = mean_margin(weak_sft)
+def test_every_preference_loss_raises_held_out_preference_accuracy(loss, extra, weak_sft, tmp_path):
+    """Measured from 59.8%: sigmoid 73.0, ipo 70.8, hinge 70.6, cdpo 73.0, robust 75.2, simpo 72.0,
+    orpo 75.2, kto 70.2 (500 pairs)."""
+    acc0, margin0 = held_out(weak_sft)
     out = dpo(
         [weak_sft],
         DPOSettings(
@@ -62,8 +66,25 @@ def test_every_preference_loss_widens_the_held_out_margin(loss, extra, weak_sft,
         tmp_path / loss,
     )
     assert out.manifest.stage == "align.dpo" and out.manifest.settings["loss"] == loss
-    after = mean_margin(out)
-    assert after > before, (loss, before, after)
+    acc, margin = held_out(out)
+    assert acc >= acc0 + 0.05 and margin > margin0, (loss, acc0, acc, margin0, margin)
+
+
+def test_dpo_from_an_sft_checkpoint_reaches_90_percent(warm_sft, tmp_path):
+    """DPO (sigmoid) plus TRL's SFT term on the chosen answer (RPO), from the 120-step SFT.
+    Measured: 93.0% -> 95.2% preference accuracy, exact match 22.0% -> 40.6% (500 examples).
+    Pure sigmoid ends at 92.6% with exact match 0.6%: the chosen log-prob falls with the
+    rejected one (-6 -> -35 nats), the likelihood displacement the SFT term prevents."""
+    before = evaluate_checkpoint(warm_sft, ["add"], n=500, with_perplexity=False)
+    out = dpo(
+        [warm_sft],
+        DPOSettings(task="add", loss="sigmoid", sft_weight=1.0, max_steps=100, logging_steps=50),
+        tmp_path / "dpo",
+    )
+    after = evaluate_checkpoint(out, ["add"], n=500, with_perplexity=False)
+    assert after["eval.add.preference_accuracy"] >= 0.90, after
+    assert after["eval.add.preference_accuracy"] > before["eval.add.preference_accuracy"]
+    assert after["eval.add.accuracy"] > before["eval.add.accuracy"] + 0.05, (before, after)
 
 
 def test_dpo_settings_are_checked():
