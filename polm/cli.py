@@ -162,7 +162,12 @@ def cmd_stage(a) -> None:
             raise PolmError(f"{a.config}: expected a mapping of settings.")
     values.update(_parse_sets(a.set))
     settings = parse_settings(a.stage, values)  # validate before touching any checkpoint
-    inputs = [Checkpoint.open(p) for p in a.inputs]
+    paths = a.inputs or []
+    if not paths and hasattr(settings, "model_paths"):
+        paths = settings.model_paths()  # a mergekit YAML names its models
+    if not paths:
+        raise PolmError(f"{a.stage} needs its inputs: --from CKPT...")
+    inputs = [Checkpoint.open(p) for p in paths]
     ckpt = run_stage(a.stage, inputs, settings, Path(a.out), a.nproc)
     print(f"{a.stage} -> {ckpt.path} ({ckpt.manifest.content_hash[:12]})")
 
@@ -227,7 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
             g = sub.add_parser(group, help=f"run one {group} stage")
             groups[group] = g.add_subparsers(dest="stage_name", required=True, metavar="STAGE")
         s = groups[group].add_parser(stage, help=entry.summary)
-        s.add_argument("--from", dest="inputs", nargs="+", required=True, metavar="CKPT")
+        s.add_argument(
+            "--from",
+            dest="inputs",
+            nargs="+",
+            required=not entry.inputs_in_settings,
+            metavar="CKPT",
+            help="input checkpoints"
+            + (" (default: the models the settings name)" * entry.inputs_in_settings),
+        )
         s.add_argument("--out", required=True)
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         s.add_argument("--config", help="YAML file of settings (--set overrides)")

@@ -67,7 +67,23 @@ def main() -> None:
     p.add_argument("--settings", required=True, type=Path)
     a = p.parse_args()
     settings = parse_settings(a.stage, json.loads(a.settings.read_text()))
-    stage_function(a.stage)([Checkpoint.open(i) for i in a.inputs], settings, a.out)
+    try:
+        stage_function(a.stage)([Checkpoint.open(i) for i in a.inputs], settings, a.out)
+        _finish(barrier=True)
+    except BaseException:
+        _finish(barrier=False)
+        raise
+
+
+def _finish(barrier: bool) -> None:
+    """Leave the process group explicitly: a rank that exits with gloo's threads still running
+    can abort ("terminate called without an active exception") after the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

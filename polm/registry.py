@@ -19,6 +19,7 @@ class StageEntry:
     settings: str  # "module:Class", a pydantic model with extra="forbid"
     summary: str  # one line for `polm stages`
     trains: bool = False  # accepts --nproc (runs under accelerate / torch.distributed)
+    inputs_in_settings: bool = False  # the settings can name the inputs (a mergekit YAML)
 
 
 STAGES: dict[str, StageEntry] = {
@@ -60,6 +61,13 @@ STAGES: dict[str, StageEntry] = {
         "RL with verifiable rewards: GRPO or RLOO, task verifier + optional format and "
         "reward-model rewards",
         trains=True,
+    ),
+    "merge.mergekit": StageEntry(
+        "merge.mergekit:run",
+        "merge.mergekit:MergekitSettings",
+        "merge checkpoints with mergekit: linear (soup), slerp family, task arithmetic, TIES, "
+        "DARE, DELLA, breadcrumbs, model stock, SCE, karcher; mergekit YAML accepted",
+        inputs_in_settings=True,
     ),
 }
 

@@ -1,0 +1,331 @@
+"""Model merging with mergekit's Python API (``run_merge``): every method mergekit ships that fits
+dense causal LMs of one architecture.
+
+Settings use mergekit's own names and shape, so a mergekit YAML runs unchanged apart from its
+model paths, which must be polm checkpoints (``polm merge mergekit --config merge.yml --out DIR``
+takes the models from the file)::
+
+    merge_method: ties
+    base_model: base            # an input: its recipe name, its path or its position
+    models:
+      - model: add_expert
+        parameters: {weight: 1.0, density: 0.5}
+      - model: reverse_expert
+        parameters: {weight: 1.0, density: 0.5}
+    parameters: {normalize: true}
+    dtype: float32
+
+polm's additions: ``models`` may be left out (every input but the base, ``weight: 1``); a method
+that needs a base gets the inputs' nearest shared ancestor from their lineage when
+``base_model`` is not given; parameter names are checked against the method before any weight is
+read; ``seed`` seeds the stochastic methods (DARE, DELLA), so the same seed writes the same
+bytes; the output is checked for NaN/Inf before it is committed; every model merged, the base
+included, is a parent in the manifest.
+
+Methods: Wortsman et al. 2022 (model soups, ``linear``), Ilharco et al. 2023 (task arithmetic),
+Yadav et al. 2023 (TIES), Yu et al. 2024 (DARE), Jang et al. 2024 (model stock), Deep et al.
+2024 (DELLA), Davari & Belilovsky 2024 (breadcrumbs), and the spherical family (``slerp``,
+``nuslerp``, ``multislerp``, ``karcher``); see mergekit's docs for each method's parameters.
+"""
+
+from __future__ import annotations
+
+import difflib
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from polm.checkpoint import Checkpoint, lineage, staging
+from polm.errors import PolmError
+from polm.settings import StageSettings
+
+STAGE = "merge.mergekit"
+
+# mergekit 0.1.5's methods that merge same-architecture dense models (passthrough, which stacks
+# layer slices, and the RAM family, made for RL-tuned weights, are left out)
+METHODS = (
+    "linear",
+    "slerp",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "della",
+    "della_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "model_stock",
+    "sce",
+    "nearswap",
+    "arcee_fusion",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+class ModelEntry(BaseModel):
+    """One entry of mergekit's ``models`` list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | int = Field(description="An input: recipe name, checkpoint path or position.")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class MergekitSettings(StageSettings):
+    """Settings of ``merge.mergekit``: mergekit's configuration fields, plus ``seed``."""
+
+    merge_method: str = Field(description=f"One of: {', '.join(METHODS)}.")
+    base_model: str | int | None = Field(
+        default=None,
+        description="The base (for task-vector methods, slerp, model_stock): an input's recipe "
+        "name, path or position; default: the inputs' nearest shared ancestor.",
+    )
+    models: list[ModelEntry] | None = Field(
+        default=None, description="Models and their parameters; default every non-base input."
+    )
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters shared by all models (mergekit's names)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Dtype the merge computes in."
+    )
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None, description="Dtype of the written weights (default: dtype)."
+    )
+    tokenizer_source: str | None = Field(
+        default=None,
+        description="mergekit's tokenizer_source (base, union, or a model); default: copy the "
+        "base's (or first model's) tokenizer unchanged.",
+    )
+    seed: int = Field(default=0, description="Seed for stochastic methods (DARE, DELLA).")
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            hint = difflib.get_close_matches(v, METHODS, n=1)
+            raise ValueError(
+                f"unknown merge_method {v!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                f"choose one of {', '.join(METHODS)}"
+            )
+        return v
+
+    def model_paths(self) -> list[str]:
+        """Paths named in the settings, for a mergekit YAML run without ``--from``."""
+        refs = [m.model for m in self.models or []]
+        if self.base_model is not None:
+            refs.insert(0, self.base_model)
+        return [r for r in dict.fromkeys(refs) if isinstance(r, str)]
+
+
+def resolve(ref: str | int, inputs: list[Checkpoint], what: str) -> Checkpoint:
+    """An input named by position, path or recipe name (the checkpoint directory's name)."""
+    if isinstance(ref, int):
+        if not 0 <= ref < len(inputs):
+            raise PolmError(
+                f"{STAGE}: {what} {ref} is not an input position (0..{len(inputs) - 1})."
+            )
+        return inputs[ref]
+    path = Path(ref).expanduser().absolute()
+    for c in inputs:
+        if c.path == path:
+            return c
+    named = [c for c in inputs if c.path.name == ref]
+    if len(named) == 1:
+        return named[0]
+    names = ", ".join(c.path.name for c in inputs)
+    if len(named) > 1:
+        raise PolmError(f"{STAGE}: {what} {ref!r} names several inputs; give its path.")
+    raise PolmError(f"{STAGE}: {what} {ref!r} is not one of the inputs ({names}).")
+
+
+def shared_ancestor(inputs: list[Checkpoint]) -> Checkpoint | None:
+    """The nearest checkpoint every input descends from (or is), found through the manifests;
+    None when the lineages do not meet on disk."""
+    chains = []
+    for c in inputs:
+        chain = {}
+        for depth, node in lineage(c):
+            if isinstance(node, Checkpoint):
+                chain.setdefault(node.manifest.content_hash, (depth, node))
+        chains.append(chain)
+    common = set(chains[0]).intersection(*chains[1:])
+    if not common:
+        return None
+    best = min(common, key=lambda h: (max(ch[h][0] for ch in chains), h))
+    return chains[0][best][1]
+
+
+def method_spec(name: str):
+    from mergekit.merge_methods.registry import registered_methods
+
+    for m in registered_methods():
+        if m.spec.name == name:
+            return m.spec
+    raise PolmError(f"{STAGE}: mergekit {_mergekit_version()} has no method {name!r}.")
+
+
+def _mergekit_version() -> str:
+    from importlib.metadata import version
+
+    return version("mergekit")
+
+
+def plan(s: MergekitSettings, inputs: list[Checkpoint]) -> tuple[dict, list[Checkpoint]]:
+    """mergekit's configuration for these inputs, and every checkpoint it reads (base first)."""
+    spec = method_spec(s.merge_method)
+    base_policy = spec.contract.base.value  # required | optional | ignored
+    base = None
+    if s.base_model is not None:
+        if base_policy == "ignored":
+            raise PolmError(f"{STAGE}: {s.merge_method} takes no base_model; leave it out.")
+        base = resolve(s.base_model, inputs, "base_model")
+    elif base_policy != "ignored":
+        base = shared_ancestor(inputs)
+        if base_policy == "optional" and all(base is None or c.path != base.path for c in inputs):
+            base = None  # optional: only an input that is the others' ancestor
+        elif base is None and base_policy == "required":
+            raise PolmError(
+                f"{STAGE}: {s.merge_method} needs a base_model and the inputs share no ancestor "
+                "on disk; name one (an input's recipe name, path or position)."
+            )
+    if s.models is not None:
+        entries = [(resolve(m.model, inputs, "model"), dict(m.parameters)) for m in s.models]
+    else:
+        entries = [(c, {}) for c in inputs if base is None or c.path != base.path]
+    if not entries:
+        raise PolmError(f"{STAGE}: nothing to merge: every input is the base.")
+
+    _check_counts(s.merge_method, spec.contract, base, len(entries))
+    known = {p.name: p for p in spec.parameters}
+    for where, params in [("parameters", s.parameters)] + [
+        (f"models[{c.path.name}].parameters", p) for c, p in entries
+    ]:
+        for key in params:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise PolmError(
+                    f"{STAGE}: {where}: {key!r} is not a parameter of {s.merge_method}"
+                    f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; it takes: "
+                    f"{', '.join(known) or 'none'}."
+                )
+    for p in spec.parameters:
+        if not p.required or p.name in s.parameters:
+            continue
+        if p.scope.value == "shared":
+            raise PolmError(f"{STAGE}: {s.merge_method} needs parameters.{p.name}.")
+        for _, params in entries:  # per-model parameter, e.g. weight: default 1 (equal weights)
+            params.setdefault(p.name, 1.0)
+
+    cfg: dict[str, Any] = {
+        "merge_method": s.merge_method,
+        "dtype": s.dtype,
+        "models": [{"model": str(c.path), "parameters": p} for c, p in entries],
+    }
+    if s.out_dtype:
+        cfg["out_dtype"] = s.out_dtype
+    if s.parameters:
+        cfg["parameters"] = dict(s.parameters)
+    if base is not None:
+        cfg["base_model"] = str(base.path)
+    if s.tokenizer_source:
+        cfg["tokenizer_source"] = s.tokenizer_source
+    used = ([base] if base is not None else []) + [c for c, _ in entries]
+    return cfg, list({c.path: c for c in used}.values())
+
+
+def _check_counts(method: str, contract, base: Checkpoint | None, n_models: int) -> None:
+    """mergekit's input contract for the method, checked before any weight is read."""
+    total = n_models + (base is not None)
+    limits = [
+        ("models in all, base included", total, contract.min_inputs, contract.max_inputs),
+        ("models besides the base", n_models, contract.min_non_base, contract.max_non_base),
+    ]
+    for what, n, lo, hi in limits:
+        if (lo is not None and n < lo) or (hi is not None and n > hi):
+            want = f"exactly {lo}" if lo == hi else f"{lo or 0} to {hi if hi else 'any number'}"
+            raise PolmError(
+                f"{STAGE}: {method} merges {want} {what}, got {n} "
+                f"({'base ' + base.path.name if base else 'no base'}, {n_models} other)."
+            )
+
+
+def check_finite(path: Path) -> None:
+    """Refuse to commit weights with NaN or Inf (a merge can produce them, e.g. slerp of
+    opposite vectors or a bad normalization)."""
+    import torch
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise PolmError(f"{STAGE}: the merged tensor {name} has NaN or Inf values.")
+
+
+def run(inputs: list[Checkpoint], settings: MergekitSettings, out: Path) -> Checkpoint:
+    s = settings
+    if not inputs:
+        raise PolmError(f"{STAGE} needs the models to merge: --from CKPT... or a models list.")
+    for c in inputs:
+        if c.format == "peft-adapter":
+            raise PolmError(
+                f"{STAGE}: {c.path} is a PEFT adapter; fold it into its base with merge.lora "
+                "first (or combine adapters there)."
+            )
+        c.require_format("hf", stage=STAGE)
+    cfg, used = plan(s, inputs)
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    try:
+        config = MergeConfiguration.model_validate(cfg)
+    except Exception as e:  # pydantic's error, in mergekit's words
+        raise PolmError(f"{STAGE}: mergekit refused the configuration: {e}") from None
+    options = MergeOptions(
+        random_seed=s.seed,
+        copy_tokenizer=s.tokenizer_source is not None,
+        trust_remote_code=False,
+        lazy_unpickle=False,
+        safe_serialization=True,
+        allow_crimes=False,
+        device="cpu",
+        quiet=True,
+        write_model_card=False,
+    )
+    with staging(out) as st:
+        try:
+            run_merge(config, str(st.dir), options=options)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise PolmError(f"{STAGE}: mergekit failed on {s.merge_method}: {e}") from e
+        if s.tokenizer_source is None:
+            src = used[0].path
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, st.dir / name)
+        check_finite(st.dir)
+        return st.commit(
+            stage=STAGE,
+            format="hf",
+            settings=s,
+            parents=used,
+            seed=s.seed,
+            metrics={
+                "merge.method": s.merge_method,
+                "merge.base": cfg.get("base_model") and Path(cfg["base_model"]).name,
+                "merge.models": ", ".join(Path(m["model"]).name for m in cfg["models"]),
+            },
+        )
