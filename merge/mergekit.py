@@ -261,9 +261,9 @@ def _check_counts(method: str, contract, base: Checkpoint | None, n_models: int)
             )
 
 
-def check_finite(path: Path) -> None:
+def check_finite(path: Path, stage: str = STAGE) -> None:
     """Refuse to commit weights with NaN or Inf (a merge can produce them, e.g. slerp of
-    opposite vectors or a bad normalization)."""
+    opposite vectors, a bad normalization or an overflowing adapter scale)."""
     import torch
     from safetensors import safe_open
 
@@ -272,7 +272,7 @@ def check_finite(path: Path) -> None:
             for name in st.keys():
                 t = st.get_tensor(name)
                 if t.is_floating_point() and not torch.isfinite(t).all():
-                    raise PolmError(f"{STAGE}: the merged tensor {name} has NaN or Inf values.")
+                    raise PolmError(f"{stage}: the merged tensor {name} has NaN or Inf values.")
 
 
 def run(inputs: list[Checkpoint], settings: MergekitSettings, out: Path) -> Checkpoint:

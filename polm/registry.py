@@ -69,6 +69,12 @@ STAGES: dict[str, StageEntry] = {
         "DARE, DELLA, breadcrumbs, model stock, SCE, karcher; mergekit YAML accepted",
         inputs_in_settings=True,
     ),
+    "merge.lora": StageEntry(
+        "merge.lora:run",
+        "merge.lora:LoraMergeSettings",
+        "fold LoRA adapters (weighted) into their base, or combine them into one adapter "
+        "with PEFT: cat, linear, svd, TIES, DARE, magnitude prune",
+    ),
 }
 
 
