@@ -129,12 +129,12 @@ class MergekitSettings(StageSettings):
         return [r for r in dict.fromkeys(refs) if isinstance(r, str)]
 
 
-def resolve(ref: str | int, inputs: list[Checkpoint], what: str) -> Checkpoint:
+def resolve(ref: str | int, inputs: list[Checkpoint], what: str, stage: str = STAGE) -> Checkpoint:
     """An input named by position, path or recipe name (the checkpoint directory's name)."""
     if isinstance(ref, int):
         if not 0 <= ref < len(inputs):
             raise PolmError(
-                f"{STAGE}: {what} {ref} is not an input position (0..{len(inputs) - 1})."
+                f"{stage}: {what} {ref} is not an input position (0..{len(inputs) - 1})."
             )
         return inputs[ref]
     path = Path(ref).expanduser().absolute()
@@ -146,8 +146,8 @@ def resolve(ref: str | int, inputs: list[Checkpoint], what: str) -> Checkpoint:
         return named[0]
     names = ", ".join(c.path.name for c in inputs)
     if len(named) > 1:
-        raise PolmError(f"{STAGE}: {what} {ref!r} names several inputs; give its path.")
-    raise PolmError(f"{STAGE}: {what} {ref!r} is not one of the inputs ({names}).")
+        raise PolmError(f"{stage}: {what} {ref!r} names several inputs; give its path.")
+    raise PolmError(f"{stage}: {what} {ref!r} is not one of the inputs ({names}).")
 
 
 def shared_ancestor(inputs: list[Checkpoint]) -> Checkpoint | None:

@@ -69,6 +69,13 @@ STAGES: dict[str, StageEntry] = {
         "DARE, DELLA, breadcrumbs, model stock, SCE, karcher; mergekit YAML accepted",
         inputs_in_settings=True,
     ),
+    "merge.moe": StageEntry(
+        "merge.moe:run",
+        "merge.moe:MoESettings",
+        "sparse MoE (Mixtral, Qwen2-MoE) from dense experts with mergekit-moe, or upcycled "
+        "from one model; hidden/cheap_embed/random gates, expert checks, routing report",
+        inputs_in_settings=True,
+    ),
     "merge.lora": StageEntry(
         "merge.lora:run",
         "merge.lora:LoraMergeSettings",
