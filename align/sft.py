@@ -3,6 +3,10 @@
 - Instruction tuning on chat data (``messages``) with the loss on assistant tokens only
   (the built-in chat template marks them with ``{% generation %}``); prompt/completion data
   trains on completions only; plain ``text`` is continued pretraining (domain adaptation).
+- ``replay`` mixes in data from outside the task (rehearsal: the base's pretraining chats, or a
+  user's general data) so that the tuned model keeps what the task data does not show. Without
+  it, an expert tuned on one task answers every prompt in that task's shape (an ``add`` expert
+  writes a scratchpad for ``reverse x``), and its task vector overrides the others in a merge.
 - PEFT methods through PEFT: LoRA (Hu et al., arXiv 2106.09685), prefix tuning (Li & Liang,
   arXiv 2101.00190), prompt tuning (Lester et al., arXiv 2104.08691). A LoRA run writes a
   merged ``hf`` checkpoint by default, or the adapter with ``output_format: peft-adapter``;
@@ -49,6 +53,15 @@ class SFTSettings(DataSettings):
         default="all-linear", description="Modules LoRA adapts."
     )
     num_virtual_tokens: int = Field(default=16, gt=0, description="Prefix/prompt length.")
+    replay: str | None = Field(
+        default=None,
+        description="Rehearsal data mixed into the training data (same format): "
+        "builtin:pretraining (the chats builtin:tiny-base was pretrained on) or a local file. "
+        "Keeps the model's other skills, and its task vector mergeable.",
+    )
+    replay_fraction: float = Field(
+        default=0.25, gt=0, lt=1, description="Share of the training examples taken from replay."
+    )
     packing: bool = Field(default=False, description="Pack sequences into max_length blocks.")
     assistant_only_loss: bool = Field(
         default=True, description="Loss on assistant tokens only (chat data)."
@@ -74,19 +87,38 @@ class SFTSettings(DataSettings):
         return "peft-adapter" if self.method in ("prefix", "prompt") else "hf"
 
 
+FORMATS = [{"messages"}, {"prompt", "completion"}, {"text"}]
+
+
 def build_dataset(s: SFTSettings):
     from polm.data import check_columns, load_dataset_source, task_dataset
 
     if s.task is not None:
-        from polm.tasks import get_task
-
         tasks = [s.task] if isinstance(s.task, str) else list(s.task)
-        for t in tasks:
-            get_task(t)
-        return task_dataset(tasks, "messages", s.n_train, s.seed)
-    ds = load_dataset_source(s.dataset, s.n_train)
-    check_columns(ds, s.dataset, [{"messages"}, {"prompt", "completion"}, {"text"}])
-    return ds
+        ds = task_dataset(tasks, "messages", s.n_train, s.seed)
+    else:
+        ds = load_dataset_source(s.dataset, s.n_train)
+        check_columns(ds, s.dataset, FORMATS)
+    return with_replay(ds, s) if s.replay else ds
+
+
+def with_replay(ds, s: SFTSettings):
+    """``ds`` with replay examples making up ``replay_fraction`` of the result, shuffled."""
+    from datasets import concatenate_datasets
+
+    from polm.data import load_dataset_source
+    from polm.errors import PolmError
+
+    n = max(1, round(len(ds) * s.replay_fraction / (1 - s.replay_fraction)))
+    replay = load_dataset_source(s.replay, n)
+    want = next(f for f in FORMATS if f <= set(ds.column_names))
+    if not want <= set(replay.column_names):
+        raise PolmError(
+            f"{STAGE}: replay {s.replay} has columns {sorted(replay.column_names)}; the "
+            f"training data is {'+'.join(sorted(want))}, and replay must be the same format."
+        )
+    parts = [d.select_columns(sorted(want)) for d in (ds, replay)]
+    return concatenate_datasets(parts).shuffle(seed=s.seed)
 
 
 def peft_config(s: SFTSettings):

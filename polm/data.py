@@ -3,7 +3,9 @@
 Local data may be JSONL, JSON, CSV, parquet, plain text (one document per line) or a directory
 saved with ``datasets.Dataset.save_to_disk``; the columns decide the TRL format (``messages``,
 ``prompt``/``completion``, ``text``, ``prompt``/``chosen``/``rejected``). ``builtin:prose`` is
-polm's synthetic plain text, for continued pretraining. Nothing is downloaded.
+polm's synthetic plain text, for continued pretraining; ``builtin:pretraining`` the chat
+documents ``builtin:tiny-base`` was pretrained on (``messages``), for replay. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def task_dataset(tasks: list[str], fmt: str = "messages", n: int | None = None, 
 
 
 def load_dataset_source(source: str, n: int | None = None):
-    """A ``datasets.Dataset`` from a local file or directory, or ``builtin:prose``."""
+    """A ``datasets.Dataset`` from a local file or directory, ``builtin:prose`` or
+    ``builtin:pretraining``."""
     import datasets
 
     if source == "builtin:prose":
@@ -34,11 +37,16 @@ def load_dataset_source(source: str, n: int | None = None):
 
         ds = datasets.Dataset.from_dict({"text": prose("train", n or 20_000)})
         return ds
+    if source == "builtin:pretraining":
+        from polm.corpus import pretraining_documents
+
+        chats = [d for d in pretraining_documents(2 * (n or 20_000)) if isinstance(d, list)]
+        return datasets.Dataset.from_dict({"messages": chats[: n or 20_000]})
     path = Path(source).expanduser()
     if not path.exists():
         raise PolmError(
             f"dataset {source!r} not found: give a local JSONL/JSON/CSV/parquet/"
-            "text file, a saved `datasets` directory, or builtin:prose."
+            "text file, a saved `datasets` directory, builtin:prose or builtin:pretraining."
         )
     try:
         if path.is_dir():
