@@ -145,3 +145,29 @@ def test_rlhf_recipe_chains_sft_reward_ppo_and_grpo(tmp_path):
     assert ppo.metrics["train.reward_source"] == "model" and "eval.add.accuracy" in ppo.metrics
     assert Checkpoint.open(work / "grpo").manifest.parents[0].path == str(work / "sft")
     assert (work / "rlaif" / "rlaif_pairs.jsonl").is_file()
+
+
+@pytest.mark.parametrize("name", ["merge", "moe"])
+def test_merge_recipes_run_end_to_end(name, tmp_path):
+    """recipes/merge.yaml and recipes/moe.yaml as shipped but for training steps: every stage
+    runs, the merges record all their parents and the report has every stage's accuracy."""
+    raw = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+    for stage in raw["stages"].values():
+        if stage["uses"] == "align.sft":
+            stage["with"]["max_steps"] = 4
+        if stage["uses"] == "merge.moe":
+            stage["with"].update(router_fit_steps=5, prompts_per_expert=8, routing_n=8)
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    work = tmp_path / "run"
+    _run(recipe, work)
+    assert set(_statuses(work).values()) == {"ran"}
+    report = json.loads((work / "report.json").read_text())
+    for row in report["stages"]:
+        assert {"eval.add.accuracy", "eval.reverse.accuracy"} <= set(row["metrics"]), row["id"]
+    merges = [(sid, s) for sid, s in raw["stages"].items() if s["uses"].startswith("merge.")]
+    assert merges
+    for sid, stage in merges:
+        parents = {p.path for p in Checkpoint.open(work / sid).manifest.parents}
+        named = {str(work / "models" / f) if f == "base" else str(work / f) for f in stage["from"]}
+        assert parents == named, sid
