@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from polm.checkpoint import Checkpoint, lineage, staging
 from polm.errors import PolmError
-from polm.settings import StageSettings
+from polm.settings import StageSettings, check_choice
 
 STAGE = "merge.mergekit"
 
@@ -113,13 +113,7 @@ class MergekitSettings(StageSettings):
     @field_validator("merge_method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            hint = difflib.get_close_matches(v, METHODS, n=1)
-            raise ValueError(
-                f"unknown merge_method {v!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
-                f"choose one of {', '.join(METHODS)}"
-            )
-        return v
+        return check_choice("merge_method", v, METHODS)
 
     def model_paths(self) -> list[str]:
         """Paths named in the settings, for a mergekit YAML run without ``--from``."""

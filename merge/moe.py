@@ -33,7 +33,6 @@ dense model into N experts (random gates, ``noise_scale`` to break the symmetry)
 
 from __future__ import annotations
 
-import difflib
 import json
 import random
 import re
@@ -47,7 +46,7 @@ from merge import mergekit
 from merge.mergekit import TOKENIZER_FILES, check_finite, shared_ancestor
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
-from polm.settings import StageSettings
+from polm.settings import StageSettings, check_choice
 from polm.tasks import get_task, validate_task_names
 
 STAGE = "merge.moe"
@@ -111,13 +110,7 @@ class MoESettings(StageSettings):
     @field_validator("gate_mode")
     @classmethod
     def _known_gate_mode(cls, v: str) -> str:
-        if v not in GATE_MODES:
-            hint = difflib.get_close_matches(v, GATE_MODES, n=1)
-            raise ValueError(
-                f"unknown gate_mode {v!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
-                f"choose one of {', '.join(GATE_MODES)}"
-            )
-        return v
+        return check_choice("gate_mode", v, GATE_MODES)
 
     @model_validator(mode="after")
     def _check(self):

@@ -18,6 +18,17 @@ class StageSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def check_choice(what: str, value: str, choices) -> str:
+    """``value`` if it is one of ``choices``; else a ValueError with the nearest one named."""
+    if value not in choices:
+        hint = difflib.get_close_matches(value, choices, n=1)
+        raise ValueError(
+            f"unknown {what} {value!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+            f"choose one of {', '.join(choices)}"
+        )
+    return value
+
+
 def parse_settings(stage: str, values: dict[str, Any], where: str | None = None) -> StageSettings:
     """Validate ``values`` against ``stage``'s settings; raise one clear PolmError otherwise."""
     cls = settings_class(stage)
