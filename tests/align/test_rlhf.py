@@ -25,6 +25,15 @@ def rm(warm_sft, tmp_path_factory):
     )
 
 
+def test_the_reward_model_ranks_held_out_pairs(rm):
+    from polm.loading import is_reward_model
+
+    assert is_reward_model(rm)
+    m = evaluate_checkpoint(rm, ["add"], n=200)
+    assert m["eval.add.pairwise_accuracy"] >= 0.6, m  # chance is 0.5
+    assert "eval.add.accuracy" not in m
+
+
 @pytest.mark.slow
 def test_ppo_raises_heldout_reward_within_the_kl_target(warm_sft, rm, tmp_path):
     settings = PPOSettings(task="add", max_steps=40, kl_target=3.0, logging_steps=10)
