@@ -1,0 +1,38 @@
+"""RLAIF on tiny real models: the judge agrees with the task scorer and DPO on its labels lifts
+accuracy."""
+
+import json
+
+import pytest
+
+from align.rlaif import PAIRS_FILE, RLAIFSettings
+from align.rlaif import run as rlaif
+from polm.evaluate import evaluate_checkpoint
+
+
+@pytest.fixture(scope="module")
+def strong_sft(base_ckpt, tmp_path_factory):
+    from align.sft import SFTSettings
+    from align.sft import run as sft
+
+    return sft(
+        [base_ckpt], SFTSettings(task="add", max_steps=300), tmp_path_factory.mktemp("j") / "s"
+    )
+
+
+@pytest.mark.slow
+def test_rlaif_judge_agrees_with_the_scorer_and_dpo_lifts_accuracy(warm_sft, strong_sft, tmp_path):
+    """A stronger model judges by likelihood (measured: 99% agreement, 22.0% -> 30.6%)."""
+    before = evaluate_checkpoint(warm_sft, ["add"], n=200, with_perplexity=False)
+    out = rlaif(
+        [warm_sft, strong_sft],
+        RLAIFSettings(task="add"),
+        tmp_path / "rlaif",
+    )
+    m = out.manifest.metrics
+    assert m["rlaif.judge_mode"] == "likelihood" and m["rlaif.decisive_pairs"] >= 100, m
+    assert m["rlaif.judge_agreement"] >= 0.9, m
+    rows = [json.loads(x) for x in (out.path / PAIRS_FILE).read_text().splitlines()]
+    assert len(rows) == m["rlaif.pairs"] and {"prompt", "chosen", "rejected"} <= set(rows[0])
+    after = evaluate_checkpoint(out, ["add"], n=200, with_perplexity=False)
+    assert after["eval.add.accuracy"] > before["eval.add.accuracy"], (before, after)
