@@ -116,8 +116,11 @@ def _adapter_config(c: Checkpoint) -> dict:
     return config
 
 
-def plan(inputs: list[Checkpoint], s: LoraMergeSettings) -> tuple[Checkpoint, list[Checkpoint]]:
-    """The base and the adapters, every rule checked from manifests and adapter configs."""
+def plan(
+    inputs: list[Checkpoint], s: LoraMergeSettings
+) -> tuple[Checkpoint, list[Checkpoint], list[float]]:
+    """The base, the adapters and their weights, every rule checked from manifests and adapter
+    configs."""
     adapters = [c for c in inputs if c.format == "peft-adapter"]
     if not adapters:
         raise PolmError(f"{STAGE} needs at least one peft-adapter input (--from ADAPTER...).")
@@ -164,7 +167,7 @@ def plan(inputs: list[Checkpoint], s: LoraMergeSettings) -> tuple[Checkpoint, li
             f"{STAGE}: {s.combination_type} needs adapters of one rank, got {ranks}; use cat "
             "or an *_svd combination."
         )
-    return base, adapters
+    return base, adapters, weights
 
 
 def _open_base(ref, adapter: Checkpoint) -> Checkpoint:
@@ -216,8 +219,7 @@ def combine(model, names: list[str], weights: list[float], s: LoraMergeSettings)
 
 def run(inputs: list[Checkpoint], settings: LoraMergeSettings, out: Path) -> Checkpoint:
     s = settings
-    base, adapters = plan(inputs, s)
-    weights = s.weights or [1.0] * len(adapters)
+    base, adapters, weights = plan(inputs, s)
 
     import torch
     from peft import PeftModel
