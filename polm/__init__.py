@@ -13,3 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 __version__ = "0.1.0"
+
+# torchao (pulled in by GPTQModel, imported by transformers when present) warns at import about
+# CUDA-only kernels it cannot load on a CPU machine and about pytree registrations: noise.
+import logging  # noqa: E402
+
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)

@@ -240,6 +240,33 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4,
+               "F64": 8, "I64": 8}  # fmt: skip
+
+
+def tensor_specs(path: str | os.PathLike) -> dict[str, tuple[str, list[int]]]:
+    """``{name: (safetensors dtype, shape)}`` of every tensor in a directory's safetensors
+    files (or one file), read from the headers without loading any weight."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    specs = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                t = f.get_slice(key)
+                specs[key] = (t.get_dtype(), list(t.get_shape()))
+    return specs
+
+
+def numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _weights_bytes(path: Path) -> int:
     return sum(
         f.stat().st_size

@@ -240,8 +240,18 @@ def evaluate_checkpoint(
 
     from polm.loading import is_reward_model, load_model, load_reward_model
 
-    torch.manual_seed(0)
     metrics: dict = {"size_bytes": size_bytes(ckpt.path)}
+    if ckpt.format == "onnx":  # onnxruntime-genai alone: accuracy only
+        from polm.onnxrt import OnnxLM
+        from polm.onnxrt import accuracy as onnx_accuracy
+
+        lm = OnnxLM(ckpt.path)
+        for task in tasks:
+            result = onnx_accuracy(lm, task, n, MAX_NEW_TOKENS)
+            metrics[f"eval.{task}.accuracy"] = result["accuracy"]
+            metrics[f"eval.{task}.n"] = result["n"]
+        return metrics
+    torch.manual_seed(0)
     if is_reward_model(ckpt):
         model, tokenizer = load_reward_model(ckpt)
         metrics["params"] = param_count(model)
@@ -251,7 +261,10 @@ def evaluate_checkpoint(
             metrics[f"eval.{task}.n"] = result["n"]
         return metrics
     model, tokenizer = load_model(ckpt)
-    metrics["params"] = param_count(model)
+    if ckpt.format != "gptq":  # packed GPTQ weights are buffers: the stage counted them
+        metrics["params"] = param_count(model)
+    if ckpt.format == "hf":  # quantized formats record their own (packed) bits per weight
+        metrics["bits_per_weight"] = 8 * metrics["size_bytes"] / max(1, metrics["params"])
     for task in tasks:
         result = accuracy(model, tokenizer, task, n)
         metrics[f"eval.{task}.accuracy"] = result["accuracy"]

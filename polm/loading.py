@@ -50,6 +50,28 @@ def _load_hf(path, dtype=None):
         ) from None
 
 
+def _load_gptq(path, dtype=None):
+    """A GPTQ checkpoint through transformers (which needs optimum and GPTQModel)."""
+    import importlib.util
+    import os
+
+    missing = [m for m in ("optimum", "gptqmodel") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise PolmError(
+            f"{path} is a GPTQ checkpoint; loading it through transformers needs "
+            f"{' and '.join(missing)} (pip install 'polm[gptq]')."
+        )
+    # GPTQModel's CPU pool needs two workers; its default is half the cores
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
+    model = _load_hf(path, dtype)
+    for module in model.modules():
+        # GPTQModel's torch kernels wrap their dequantization in torch.compile, which costs
+        # seconds on every first call of each shape on CPU; eager is as fast for decoding here
+        if getattr(module, "optimized", False) and "dequantize_weight" in vars(module):
+            del module.dequantize_weight
+    return model
+
+
 def _load_peft_adapter(ckpt: Checkpoint, dtype=None):
     from peft import PeftModel
 
@@ -74,10 +96,17 @@ def load_model(ckpt: Checkpoint | str, dtype=None):
         model = _load_hf(ckpt.path, dtype)
     elif ckpt.format == "peft-adapter":
         model = _load_peft_adapter(ckpt, dtype)
+    elif ckpt.format == "gptq":
+        model = _load_gptq(ckpt.path, dtype)
+    elif ckpt.format == "onebit":
+        from polm.onebit import load_onebit
+
+        model = load_onebit(ckpt.path, dtype)
     else:
         raise PolmError(
-            f"{ckpt.path} has format {ckpt.format!r}, which this version of polm "
-            "cannot load yet (it loads: hf, peft-adapter)."
+            f"{ckpt.path} has format {ckpt.format!r}, which polm does not load as a torch "
+            "model (it loads hf, peft-adapter, gptq and onebit; onnx checkpoints run through "
+            "polm.onnxrt)."
         )
     model.eval()
     return model, load_tokenizer(ckpt.path)

@@ -82,6 +82,32 @@ STAGES: dict[str, StageEntry] = {
         "fold LoRA adapters (weighted) into their base, or combine them into one adapter "
         "with PEFT: cat, linear, svd, TIES, DARE, magnitude prune",
     ),
+    "optimize.distill": StageEntry(
+        "optimize.distill:run",
+        "optimize.distill:DistillSettings",
+        "knowledge distillation into a smaller student (layer-dropped or narrower): forward "
+        "/ reverse KL or generalized JSD, off-policy, sequence-level or on-policy (GKD)",
+        trains=True,
+    ),
+    "optimize.gptq": StageEntry(
+        "optimize.gptq:run",
+        "optimize.gptq:GPTQSettings",
+        "GPTQ with GPTQModel (2/3/4/8 bits, group size, act-order, sym) on CPU or GPU; "
+        "calibration from task data or a dataset; tokens per expert for MoE",
+    ),
+    "optimize.onebit": StageEntry(
+        "optimize.onebit:run",
+        "optimize.onebit:OneBitSettings",
+        "1-bit (OneBit sign-value) or ternary (BitNet b1.58) weights, packed, with recovery "
+        "by straight-through distillation from the full-precision parent",
+        trains=True,
+    ),
+    "optimize.onnx": StageEntry(
+        "optimize.onnx:run",
+        "optimize.onnx:OnnxSettings",
+        "export to ONNX with onnxruntime-genai's model builder (fp32, fp16, int8, int4; cpu "
+        "or cuda), with a greedy and logit parity check against the torch model",
+    ),
 }
 
 

@@ -200,6 +200,7 @@ def summary_table(name: str, results, tasks: list[str]):
         "ppl",
         "params",
         "MB",
+        "bits/w",
     ):
         table.add_column(col, justify="left" if col in ("stage", "uses", "status") else "right")
     for r in results:
@@ -227,5 +228,6 @@ def summary_table(name: str, results, tasks: list[str]):
             f"{m['perplexity']:.3f}" if "perplexity" in m else "-",
             f"{m.get('params', 0) / 1e6:.2f}M",
             f"{m.get('size_bytes', 0) / 2**20:.1f}",
+            f"{m['bits_per_weight']:.2f}" if "bits_per_weight" in m else "-",
         )
     return table

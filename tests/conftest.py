@@ -39,6 +39,24 @@ def base_ckpt(tmp_path_factory):
     return import_model("builtin:tiny-base", tmp_path_factory.mktemp("models") / "base")
 
 
+def shared(tmp_path_factory, name: str, build):
+    """A checkpoint built once per test run and shared by the pytest-xdist workers (read-only
+    for tests): the first worker to ask builds it under a file lock, the others wait and open it."""
+    from filelock import FileLock
+
+    from polm.checkpoint import Checkpoint
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    out = root / "shared" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "polm.json").exists():
+            return Checkpoint.open(out)
+        return build(out)
+
+
 @pytest.fixture(scope="session")
 def warm_sft(base_ckpt, tmp_path_factory):
     """A 120-step SFT on add: the answer format learned, ~20% exact match; the start for the
@@ -46,9 +64,25 @@ def warm_sft(base_ckpt, tmp_path_factory):
     from align.sft import SFTSettings
     from align.sft import run as sft
 
-    return sft(
-        [base_ckpt], SFTSettings(task="add", max_steps=120), tmp_path_factory.mktemp("warm") / "s"
+    return shared(
+        tmp_path_factory,
+        "warm_sft",
+        lambda out: sft([base_ckpt], SFTSettings(task="add", max_steps=120), out),
     )
+
+
+ADD_SFT_STEPS = 200
+
+
+@pytest.fixture(scope="session")
+def add_sft(base_ckpt, tmp_path_factory):
+    """A 200-step full SFT on add (about 70% exact match): the SFT tests' subject and the
+    parent the optimize stages compress (read-only for tests)."""
+    from align.sft import SFTSettings
+    from align.sft import run as sft
+
+    settings = SFTSettings(task="add", max_steps=ADD_SFT_STEPS, logging_steps=10)
+    return shared(tmp_path_factory, "add_sft", lambda out: sft([base_ckpt], settings, out))
 
 
 @pytest.fixture

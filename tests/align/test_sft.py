@@ -10,10 +10,12 @@ from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
 from polm.loading import load_model
+from tests.conftest import ADD_SFT_STEPS
 
 # Budgets are in steps, not seconds. Thresholds fail if training does nothing: the base
 # model scores <= 5% on add (tests/polm/test_eval.py).
-FULL_STEPS, LORA_STEPS = 200, 150  # LoRA (lr 5e-3) measured: 70.5% add after 150 steps
+FULL_STEPS = ADD_SFT_STEPS  # the shared add_sft fixture (tests/conftest.py)
+LORA_STEPS = 150  # LoRA (lr 5e-3) measured: 70.5% add after 150 steps
 
 
 def sft(inputs, out, **kw):
@@ -22,10 +24,8 @@ def sft(inputs, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def full_sft(base_ckpt, tmp_path_factory):
-    return sft(
-        [base_ckpt], tmp_path_factory.mktemp("sft") / "full", task="add", max_steps=FULL_STEPS
-    )
+def full_sft(add_sft):
+    return add_sft
 
 
 def _state(ckpt):

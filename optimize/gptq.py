@@ -1,0 +1,268 @@
+"""GPTQ weight quantization (Frantar et al., arXiv 2210.17323) with GPTQModel, on CPU or GPU.
+
+GPTQModel is AutoGPTQ's maintained successor (AutoGPTQ is archived and needs CUDA to
+quantize). Settings keep its ``QuantizeConfig`` names: ``bits`` (2, 3, 4, 8), ``group_size``,
+``desc_act`` (act-order), ``sym``, ``damp_percent``. Calibration text is the recipe's task data
+(whole chats, rendered with the model's chat template) or a user dataset.
+
+The output is GPTQModel's own GPTQ layout (``quantization_config`` in ``config.json``, packed
+``qweight``/``qzeros``/``scales``/``g_idx``), which transformers (with optimum and GPTQModel
+installed) and vLLM load as they are; the parent's tokenizer files and generation config are
+kept byte for byte. Embeddings, norms and the output head stay in full precision.
+
+MoE checkpoints: GPTQ needs each expert's inputs, and an expert the router never picks on the
+calibration data has none. GPTQModel falls back to round-to-nearest for modules that saw too
+few tokens (its ``fallback`` setting, on by default), so quantization and loading do not break;
+the manifest records how many calibration tokens each expert received.
+
+Machine set-up done for the user: GPTQModel's CPU worker pool needs at least two workers, but
+its default is half the cores (one on a 2-core machine, where quantization then fails);
+its first run otherwise spends ~40 s compiling a C++ packing extension whose output is
+byte-identical to the Python packer's (``GPTQMODEL_DISABLE_PACK_EXT=0`` turns it back on);
+its progress bars and INFO logs are turned down to warnings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from polm.checkpoint import DTYPE_BYTES, Checkpoint, numel, staging, tensor_specs
+from polm.errors import PolmError
+from polm.settings import StageSettings
+from polm.tasks import validate_task_names
+from polm.training import single_input
+
+STAGE = "optimize.gptq"
+KEEP_FROM_PARENT = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+class GPTQSettings(StageSettings):
+    """Settings of ``optimize.gptq``; quantization fields use GPTQModel's QuantizeConfig names."""
+
+    bits: Literal[2, 3, 4, 8] = Field(default=4, description="Bits per quantized weight.")
+    group_size: int = Field(
+        default=128,
+        description="Weights sharing one scale and zero point along the input dimension "
+        "(-1: one group per row).",
+    )
+    desc_act: bool = Field(
+        default=False,
+        description="Act-order: quantize columns in order of decreasing activation magnitude.",
+    )
+    sym: bool = Field(default=True, description="Symmetric quantization (no zero point).")
+    damp_percent: float = Field(
+        default=0.05, gt=0, lt=1, description="Hessian dampening, a fraction of its mean diagonal."
+    )
+    task: str | list[str] | None = Field(
+        default=None, description="Built-in task(s) whose train chats calibrate."
+    )
+    dataset: str | None = Field(
+        default=None,
+        description="Local calibration data instead: text, messages or prompt/completion rows.",
+    )
+    n_calibration: int = Field(default=256, gt=0, description="Calibration samples.")
+    batch_size: int = Field(default=16, gt=0, description="Calibration batch size.")
+    seed: int = Field(default=0, description="Which calibration samples are drawn.")
+
+    _known_tasks = field_validator("task")(validate_task_names)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v <= 0:
+            raise ValueError("group_size must be positive, or -1 for one group per row")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.task is None) == (self.dataset is None):
+            raise ValueError(
+                "give exactly one calibration source: `task` (built-in) or `dataset` (local file)"
+            )
+        return self
+
+
+def _gptqmodel():
+    """GPTQModel, imported with polm's machine set-up (see the module docstring)."""
+    import logging
+
+    workers = max(2, ((os.cpu_count() or 1) + 1) // 2)
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(workers))
+    os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+    import gptqmodel
+    from logbar import LogBar
+
+    LogBar.shared().setLevel(logging.WARNING)
+    return gptqmodel
+
+
+def calibration_texts(s: GPTQSettings, tokenizer) -> list[str]:
+    """``n_calibration`` calibration strings: whole chats rendered with the chat template."""
+    import random
+
+    from polm.data import check_columns, load_dataset_source
+    from polm.tasks import render
+
+    if s.task is not None:
+        tasks = [s.task] if isinstance(s.task, str) else list(s.task)
+        rows = [r for t in tasks for r in render(t, "train", "messages")]
+    else:
+        ds = load_dataset_source(s.dataset)
+        check_columns(ds, s.dataset, [{"text"}, {"messages"}, {"prompt", "completion"}])
+        rows = list(ds)
+    rng = random.Random(s.seed)
+    rows = rng.sample(rows, min(s.n_calibration, len(rows)))
+    texts = []
+    for r in rows:
+        if "messages" in r:
+            texts.append(tokenizer.apply_chat_template(r["messages"], tokenize=False))
+        elif "text" in r:
+            texts.append(r["text"])
+        else:
+            prompt, completion = r["prompt"], r["completion"]
+            if isinstance(prompt, str):
+                texts.append(prompt + completion)
+            else:
+                texts.append(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
+    return texts
+
+
+def expert_tokens(model, tokenizer, texts: list[str]) -> dict[str, list[int]] | None:
+    """Tokens routed to each expert of each MoE layer on ``texts`` (None for a dense model)."""
+    import torch
+
+    cfg = model.config
+    n_experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    if not n_experts or not top_k:
+        return None
+    counts: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook(name):
+        def count(_module, _inputs, output):
+            logits = output[0] if isinstance(output, tuple) else output
+            if logits.shape[-1] != n_experts:
+                return
+            picked = logits.reshape(-1, n_experts).topk(top_k, dim=-1).indices
+            mask = current_mask.reshape(-1).bool()
+            counts[name] += torch.bincount(picked[mask].reshape(-1), minlength=n_experts)
+
+        return count
+
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)  # a Linear, or transformers' TopKRouter
+        if name.rsplit(".", 1)[-1] in ("gate", "router") and isinstance(weight, torch.Tensor):
+            if weight.dim() == 2 and weight.shape[0] == n_experts:
+                counts[name] = torch.zeros(n_experts, dtype=torch.long)
+                hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+                current_mask = enc["attention_mask"]
+                model(**enc)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name.removesuffix(".gate"): c.tolist() for name, c in counts.items()} or None
+
+
+def is_moe(ckpt: Checkpoint) -> bool:
+    import json
+
+    cfg = json.loads((ckpt.path / "config.json").read_text())
+    return bool(cfg.get("num_local_experts") or cfg.get("num_experts"))
+
+
+def stored_params(path: Path) -> int:
+    """Parameters of an unquantized checkpoint, from its safetensors headers."""
+    return sum(numel(shape) for _, shape in tensor_specs(path).values())
+
+
+def quantized_layer_stats(path: Path, bits: int) -> dict:
+    """Bytes of the GPTQ layers (qweight, qzeros, scales, g_idx), their fp32 size and bits."""
+    quant = weights = 0
+    for key, (dtype, shape) in tensor_specs(path).items():
+        leaf = key.rpartition(".")[2]
+        if leaf in ("qweight", "qzeros", "scales", "g_idx"):
+            quant += numel(shape) * DTYPE_BYTES[dtype]
+            if leaf == "qweight":  # [in * bits / 32, out] int32
+                weights += shape[0] * 32 // bits * shape[1]
+    return {
+        "gptq.quantized_bytes": quant,
+        "gptq.fp32_bytes": 4 * weights,
+        "gptq.size_ratio": quant / max(1, 4 * weights),
+        "bits_per_weight": 8 * quant / max(1, weights),
+    }
+
+
+def run(inputs: list[Checkpoint], settings: GPTQSettings, out: Path) -> Checkpoint:
+    import torch
+
+    from polm.loading import load_model, load_tokenizer
+
+    s = settings
+    parent = single_input(inputs, STAGE, "hf")
+    tokenizer = load_tokenizer(parent.path)
+    texts = calibration_texts(s, tokenizer)
+    routed = None
+    if is_moe(parent):
+        model, _ = load_model(parent)
+        routed = expert_tokens(model, tokenizer, texts)
+        del model
+    gptqmodel = _gptqmodel()
+    gpu = torch.cuda.is_available()
+    config = gptqmodel.QuantizeConfig(
+        bits=s.bits,
+        group_size=s.group_size,
+        desc_act=s.desc_act,
+        sym=s.sym,
+        damp_percent=s.damp_percent,
+        offload_to_disk=False,
+        **({"act_group_aware": False} if s.desc_act else {}),
+    )
+    with staging(out) as st, tempfile.TemporaryDirectory() as scratch:
+        # GPTQModel writes a per-module log under ./logs of the working directory; the output
+        # keeps its quant_log.csv instead
+        import gptqmodel.looper.loop_processor as loop_processor
+
+        loop_processor._PROJECT_LOG_DIR = Path(scratch)
+        try:
+            q = gptqmodel.GPTQModel.load(
+                str(parent.path),
+                config,
+                device="cuda" if gpu else "cpu",
+                dtype=torch.float16 if gpu else torch.float32,
+                trust_remote_code=False,
+            )
+            q.quantize(texts, batch_size=s.batch_size, tokenizer=tokenizer)
+            with contextlib.redirect_stdout(io.StringIO()):  # save() prints its config
+                q.save(str(st.dir))
+        except (ValueError, NotImplementedError, TypeError) as e:
+            raise PolmError(f"{STAGE}: GPTQModel could not quantize {parent.path}: {e}") from None
+        for name in KEEP_FROM_PARENT:  # GPTQModel rewrites these (e.g. do_sample: true)
+            if (parent.path / name).is_file():
+                shutil.copy2(parent.path / name, st.dir / name)
+        metrics = quantized_layer_stats(st.dir, s.bits) | {"params": stored_params(parent.path)}
+        metrics["gptq.calibration_samples"] = len(texts)
+        if routed is not None:
+            metrics["gptq.expert_tokens"] = routed
+            metrics["gptq.min_expert_tokens"] = min(min(c) for c in routed.values())
+        return st.commit(
+            stage=STAGE, format="gptq", settings=s, parents=[parent], seed=s.seed, metrics=metrics
+        )

@@ -1,0 +1,197 @@
+"""Export to ONNX with onnxruntime-genai's model builder (fp32, fp16, int8, int4; cpu or cuda),
+with a parity check against the torch model recorded in the manifest.
+
+The builder writes what onnxruntime-genai runs (``model.onnx`` + ``model.onnx.data``,
+``genai_config.json``, the tokenizer and chat template); polm adds its manifest, so the export
+is an ``onnx`` checkpoint that evaluation and serving open through ``polm.onnxrt`` without
+torch. int4 is the builder's block-wise weight-only quantization (``MatMulNBits``).
+
+The parity check decodes the parity prompts greedily with the torch parent and with the export
+and records the share of identical answers, and the largest difference of next-token logits
+after the prompt (for fp32, a check of the graph itself). It runs where the export's execution
+provider is available.
+
+Why not optimum: optimum-onnx pins transformers < 4.58, which the rest of polm (transformers
+5) cannot use; the builder also writes the KV-cache decoder that onnxruntime-genai's fast
+generation loop needs. The builder runs in a child process: importing it puts its own
+``builders`` / ``quantization`` modules on ``sys.path``. fp16 is refused on cpu: the builder
+writes an fp16 graph that onnxruntime-genai 0.18 cannot decode there (a buffer shape mismatch
+at the first step); the builder's own list of supported pairs has no fp16 on cpu either.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from polm.checkpoint import Checkpoint, staging
+from polm.errors import PolmError
+from polm.settings import StageSettings
+from polm.tasks import validate_task_names
+from polm.training import single_input
+
+STAGE = "optimize.onnx"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class OnnxSettings(StageSettings):
+    """Settings of ``optimize.onnx``; quantization fields use the builder's option names."""
+
+    precision: Literal["fp32", "fp16", "int8", "int4"] = Field(
+        default="int4", description="Weights of the exported graph."
+    )
+    execution_provider: Literal["cpu", "cuda"] = Field(
+        default="cpu", description="onnxruntime execution provider the graph is built for."
+    )
+    block_size: Literal[16, 32, 64, 128, 256] = Field(
+        default=32, description="int4/int8: weights per quantization block."
+    )
+    accuracy_level: Literal[1, 2, 3, 4] | None = Field(
+        default=None,
+        description="int4/int8: activation precision of MatMulNBits (1 fp32, 2 fp16, 3 bf16, 4 "
+        "int8; the builder's default on cpu is 4).",
+    )
+    is_symmetric: bool = Field(default=True, description="int4/int8: symmetric quantization.")
+    shared_embeddings: bool | None = Field(
+        default=None,
+        description="Share the embedding and output-head weights (default: as the model ties "
+        "them).",
+    )
+    extra_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Further builder --extra_options, e.g. {exclude_lm_head: true}.",
+    )
+    task: str | list[str] = Field(
+        default=["add", "reverse"], description="Built-in task(s) whose test prompts check parity."
+    )
+    parity_n: int = Field(default=50, ge=0, description="Parity prompts per task (0: skip).")
+    max_new_tokens: int = Field(default=32, gt=0, description="Tokens decoded per prompt.")
+
+    _known_tasks = field_validator("task")(validate_task_names)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.precision == "fp16" and self.execution_provider == "cpu":
+            raise ValueError(
+                "fp16 is not supported on cpu: onnxruntime-genai 0.18 cannot decode the fp16 "
+                "graph the builder writes for cpu; use fp32, int8 or int4 on cpu, or fp16 on cuda"
+            )
+        reserved = {"block_size", "accuracy_level", "is_symmetric", "shared_embeddings"}
+        if clash := sorted(reserved & set(self.extra_options)):
+            raise ValueError(f"set {', '.join(clash)} as a setting, not in extra_options")
+        return self
+
+    def builder_options(self) -> list[str]:
+        opts: dict = {"block_size": self.block_size, "is_symmetric": self.is_symmetric}
+        if self.accuracy_level is not None:
+            opts["accuracy_level"] = self.accuracy_level
+        if self.shared_embeddings is not None:
+            opts["shared_embeddings"] = self.shared_embeddings
+        opts |= self.extra_options
+        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in opts.items()]
+
+
+def export(src: Path, dst: Path, s: OnnxSettings) -> None:
+    """Run the model builder on the HF checkpoint ``src`` into ``dst`` (a child process)."""
+    cache = dst.parent / f".{dst.name}.builder-cache"
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i", str(src),
+        "-o", str(dst),
+        "-p", s.precision,
+        "-e", s.execution_provider,
+        "-c", str(cache),
+        "--extra_options", *s.builder_options(),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+    if proc.returncode != 0 or not (dst / "model.onnx").is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise PolmError(f"{STAGE}: the onnxruntime-genai model builder failed:\n{tail}")
+
+
+def parity(parent: Checkpoint, path: Path, s: OnnxSettings) -> dict:
+    """Greedy-answer agreement and the largest next-token logit difference, torch vs ONNX."""
+    import numpy as np
+    import torch
+
+    from polm.evaluate import chat_prompt, greedy_generate
+    from polm.loading import load_model
+    from polm.onnxrt import OnnxLM
+    from polm.tasks import get_task
+
+    tasks = [s.task] if isinstance(s.task, str) else list(s.task)
+    prompts = [e.prompt for t in tasks for e in get_task(t).examples("test", s.parity_n)]
+    model, tokenizer = load_model(parent)
+    lm = OnnxLM(path)
+    ours = lm.greedy(prompts, s.max_new_tokens)
+    want = greedy_generate(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens)
+    diff = 0.0
+    for p in prompts[:: max(1, len(prompts) // 16)]:  # 16 prompts spread over the tasks
+        text = chat_prompt(tokenizer, p)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            ref = model(ids).logits[0, -1].float().numpy()
+        diff = max(diff, float(np.abs(lm.next_token_logits(text) - ref).max()))
+    same = sum(a == b for a, b in zip(ours, want))
+    return {
+        "onnx.parity.greedy_match": same / len(prompts),
+        "onnx.parity.n": len(prompts),
+        "onnx.parity.max_abs_logit_diff": diff,
+    }
+
+
+def _provider_available(ep: str) -> bool:
+    if ep == "cpu":
+        return True
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def run(inputs: list[Checkpoint], settings: OnnxSettings, out: Path) -> Checkpoint:
+    import json
+
+    s = settings
+    parent = single_input(inputs, STAGE, "hf")
+    missing = [f for f in TOKENIZER_FILES if not (parent.path / f).is_file()]
+    if missing:
+        raise PolmError(
+            f"{STAGE}: {parent.path} has no {', '.join(missing)}; the builder exports the "
+            "tokenizer with the model."
+        )
+    with staging(out) as st:
+        export(parent.path, st.dir, s)
+        metrics: dict = {}
+        if s.parity_n and _provider_available(s.execution_provider):
+            metrics |= parity(parent, st.dir, s)
+        cfg = json.loads((parent.path / "config.json").read_text())
+        params = parent.manifest.metrics.get("params")
+        if not params:
+            from polm.loading import load_model
+
+            model, _ = load_model(parent)
+            params = sum(p.numel() for p in model.parameters())
+        weights = sum(f.stat().st_size for f in st.dir.glob("model.onnx*"))
+        metrics |= {
+            "params": params,
+            "bits_per_weight": 8 * weights / params,
+            "onnx.precision": s.precision,
+            "onnx.execution_provider": s.execution_provider,
+            "onnx.model_type": cfg.get("model_type"),
+        }
+        return st.commit(
+            stage=STAGE, format="onnx", settings=s, parents=[parent], seed=None, metrics=metrics
+        )

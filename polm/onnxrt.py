@@ -1,0 +1,106 @@
+"""The ``onnx`` checkpoint format, run by onnxruntime-genai alone (this module imports neither
+torch nor transformers).
+
+An ``onnx`` checkpoint is what onnxruntime-genai's model builder writes (``model.onnx``,
+``model.onnx.data``, ``genai_config.json``, the tokenizer and its chat template) plus polm's
+manifest. :class:`OnnxLM` renders prompts with the checkpoint's own chat template, tokenizes
+with onnxruntime-genai's tokenizer and decodes greedily in right-padded batches (at most 32
+a batch in onnxruntime-genai 0.18).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MAX_BATCH = 32
+
+
+class OnnxLM:
+    """Greedy generation and next-token logits from an onnx checkpoint directory."""
+
+    def __init__(self, path, threads: int | None = None):
+        import onnxruntime_genai as og
+
+        from polm.errors import PolmError
+
+        path = Path(path)
+        for name in ("genai_config.json", "model.onnx"):
+            if not (path / name).is_file():
+                raise PolmError(
+                    f"{path} has no {name}: an onnx checkpoint is onnxruntime-genai's model "
+                    "builder output (model.onnx, genai_config.json, tokenizer files)."
+                )
+        config = og.Config(str(path))
+        threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
+        if threads:
+            opts = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
+        self.og = og
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+        self.eos = set(int(t) for t in self.tokenizer.eos_token_ids)
+
+    def chat_prompt(self, prompt: str) -> str:
+        """A user turn rendered with the checkpoint's chat template, ready for the answer."""
+        messages = json.dumps([{"role": "user", "content": prompt}])
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def generate(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of already rendered ``texts``."""
+        outs: list[str] = []
+        for i in range(0, len(texts), MAX_BATCH):
+            outs += self._batch(texts[i : i + MAX_BATCH], max_new_tokens)
+        return outs
+
+    def _batch(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        import numpy as np
+
+        og = self.og
+        batch = self.tokenizer.encode_batch(texts)
+        width = batch.shape()[1]
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(
+            max_length=width + max_new_tokens, do_sample=False, batch_size=len(texts)
+        )
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(batch)
+        new: list[list[int]] = [[] for _ in texts]
+        done = [False] * len(texts)
+        while not gen.is_done() and not all(done):
+            gen.generate_next_token()
+            for j, token in enumerate(gen.get_next_tokens()):
+                if not done[j]:
+                    token = int(token)
+                    done[j] = token in self.eos
+                    if not done[j]:
+                        new[j].append(token)
+        return [self.tokenizer.decode(np.array(ids, dtype=np.int32)) for ids in new]
+
+    def greedy(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers to chat ``prompts`` (user turns)."""
+        return self.generate([self.chat_prompt(p) for p in prompts], max_new_tokens)
+
+    def next_token_logits(self, text: str):
+        """The logits after ``text`` (a numpy vector over the vocabulary)."""
+        import numpy as np
+
+        og = self.og
+        ids = self.tokenizer.encode(text)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(ids)
+        return np.array(gen.get_logits())[0, -1].astype("float32")
+
+
+def accuracy(lm: OnnxLM, task: str, n: int | None = None, max_new_tokens: int = 48) -> dict:
+    """Exact-match accuracy on the task's test split, as :func:`polm.evaluate.accuracy`."""
+    from polm.tasks import get_task
+
+    t = get_task(task)
+    examples = t.examples("test", n)
+    completions = lm.greedy([e.prompt for e in examples], max_new_tokens)
+    correct = sum(t.score(c, e) for c, e in zip(completions, examples))
+    return {"accuracy": correct / len(examples), "n": len(examples)}

@@ -1,0 +1,94 @@
+"""optimize.onnx with onnxruntime-genai's real model builder and runtime: fp32 logits match
+torch, int4 greedy answers match it on held-out prompts, the export runs without torch, the
+evaluation suite scores it, and wrong inputs are refused before the builder runs."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from optimize.onnx import OnnxSettings, run
+from polm.checkpoint import Checkpoint
+from polm.errors import PolmError
+from polm.evaluate import evaluate_checkpoint
+
+
+@pytest.fixture(scope="module")
+def int4(add_sft, tmp_path_factory):
+    s = OnnxSettings(precision="int4", task="add", parity_n=100)
+    return run([add_sft], s, tmp_path_factory.mktemp("onnx") / "int4")
+
+
+@pytest.mark.slow
+def test_int4_greedy_answers_match_torch_and_the_suite_scores_them(int4, add_sft):
+    m = int4.manifest.metrics
+    assert int4.format == "onnx" and m["onnx.parity.n"] == 100
+    assert m["onnx.parity.greedy_match"] >= 0.95, m
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
+        assert (int4.path / name).is_file(), name
+    assert m["bits_per_weight"] < 8, m  # int4 blocks and the fp32 norms, over all parameters
+    assert m["size_bytes"] < 0.3 * add_sft.manifest.metrics["size_bytes"]
+    ours = evaluate_checkpoint(int4, ["add"], n=100)
+    torch_side = evaluate_checkpoint(add_sft, ["add"], n=100, with_perplexity=False)
+    assert abs(ours["eval.add.accuracy"] - torch_side["eval.add.accuracy"]) <= 0.05
+
+
+@pytest.mark.slow
+def test_the_export_runs_with_onnxruntime_genai_alone(int4):
+    code = (
+        "import sys\n"
+        "from polm.onnxrt import OnnxLM\n"
+        f"lm = OnnxLM({str(int4.path)!r})\n"
+        "print(repr(lm.greedy(['12+34', '5+7'], 48)))\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    answers = eval(r.stdout.strip().splitlines()[-1])
+    assert all("=>" in a for a in answers), answers  # the scratchpad format, decoded to the end
+    from polm.onnxrt import OnnxLM
+
+    assert answers == OnnxLM(int4.path).greedy(["12+34", "5+7"], 48)
+
+
+@pytest.mark.slow
+def test_fp32_export_matches_torch_logits(add_sft, tmp_path):
+    s = OnnxSettings(precision="fp32", task="add", parity_n=20)
+    ckpt = run([add_sft], s, tmp_path / "fp32")
+    m = ckpt.manifest.metrics
+    assert m["onnx.parity.max_abs_logit_diff"] <= 1e-3, m
+    assert m["onnx.parity.greedy_match"] == 1.0, m
+
+
+def test_wrong_settings_and_inputs_are_refused(base_ckpt, tmp_path):
+    with pytest.raises(ValidationError, match="fp16 is not supported on cpu"):
+        OnnxSettings(precision="fp16")
+    with pytest.raises(ValidationError, match="block_size"):
+        OnnxSettings(block_size=48)
+    with pytest.raises(ValidationError, match="not in extra_options"):
+        OnnxSettings(extra_options={"block_size": 16})
+    bad = tmp_path / "adapter"
+    shutil.copytree(base_ckpt.path, bad)
+    manifest = json.loads((bad / "polm.json").read_text())
+    (bad / "polm.json").write_text(json.dumps({**manifest, "format": "peft-adapter"}))
+    with pytest.raises(PolmError, match="expects a checkpoint of format 'hf'"):
+        run([Checkpoint.open(bad)], OnnxSettings(), tmp_path / "a")
+    bare = tmp_path / "bare"
+    shutil.copytree(base_ckpt.path, bare)
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(PolmError, match="has no tokenizer.json"):
+        run([Checkpoint.open(bare)], OnnxSettings(), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_export_runs_on_the_gpu(add_sft, tmp_path):
+    ckpt = run(
+        [add_sft],
+        OnnxSettings(precision="fp16", execution_provider="cuda", task="add"),
+        tmp_path / "cuda",
+    )
+    assert ckpt.manifest.metrics["onnx.parity.greedy_match"] >= 0.9
