@@ -140,6 +140,14 @@ def cmd_report(a) -> None:
     result_console().print(summary_table(report["name"], report["stages"], report["eval"]))
 
 
+def _task_name(name: str) -> str:
+    from polm.tasks import TASKS
+
+    if name not in TASKS:
+        raise argparse.ArgumentTypeError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+    return name
+
+
 def _parse_sets(pairs: list[str]) -> dict:
     values = {}
     for pair in pairs:
@@ -170,6 +178,14 @@ def cmd_stage(a) -> None:
     inputs = [Checkpoint.open(p) for p in paths]
     ckpt = run_stage(a.stage, inputs, settings, Path(a.out), a.nproc)
     print(f"{a.stage} -> {ckpt.path} ({ckpt.manifest.content_hash[:12]})")
+    if a.eval:  # the suite a recipe runs after every stage, into the manifest
+        from polm.evaluate import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(ckpt, a.eval, n=a.eval_n)
+        ckpt.update_metrics(metrics)
+        for k, v in ckpt.manifest.metrics.items():
+            if k.startswith("eval.") or k in ("size_bytes", "bits_per_weight", "params"):
+                print(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", required=True)
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         s.add_argument("--config", help="YAML file of settings (--set overrides)")
+        s.add_argument(
+            "--eval",
+            nargs="+",
+            metavar="TASK",
+            type=_task_name,
+            help="evaluate the output on these tasks (into its manifest)",
+        )
+        s.add_argument("--eval-n", type=int, help="first N test examples per task only")
         s.add_argument(
             "--nproc",
             type=int,

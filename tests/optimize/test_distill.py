@@ -128,13 +128,14 @@ def test_on_policy_and_jsd_run_from_the_cli(base_ckpt, tmp_path):
         "optimize", "distill", "--from", base_ckpt.path, "--out", out,
         "--set", "task=reverse", "--set", "student_layers=[0,1]", "--set", "loss=jsd",
         "--set", "lmbda=0.5", "--set", "max_steps=4", "--set", "max_new_tokens=8",
-        "--set", "per_device_train_batch_size=4",
+        "--set", "per_device_train_batch_size=4", "--eval", "reverse", "--eval-n", "8",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = Checkpoint.open(out)
     assert ckpt.stage == "optimize.distill" and ckpt.format == "hf"
     assert ckpt.manifest.metrics["distill.student_layers"] == 2
     assert ckpt.manifest.metrics["train.steps"] == 4
+    assert ckpt.manifest.metrics["eval.reverse.n"] == 8 and "eval.reverse.accuracy" in r.stdout
     model, _ = load_model(ckpt)
     assert model.config.num_hidden_layers == 2
 
