@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -65,9 +64,7 @@ def test_rerun_skips_and_a_change_reruns_only_descendants(tmp_path):
         m = Checkpoint.open(work / sid).manifest
         assert "eval.add.accuracy" in m.metrics and m.input_hash
 
-    t0 = time.perf_counter()
     _run(recipe, work)
-    assert time.perf_counter() - t0 < 60  # generous here; the note records the real figure
     assert set(_statuses(work).values()) == {"cached"}
 
     _run(_recipe(tmp_path, sft_steps=13), work)

@@ -133,4 +133,4 @@ def test_recovery_brings_the_quantized_model_back_to_its_parent(method, add_sft,
     assert a > b, (method, b, a)
 
 
-RECOVERY_STEPS = 150
+RECOVERY_STEPS = 100  # measured from a 93.5% parent: binary 93.5%, ternary 94.0%
