@@ -34,7 +34,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from polm.checkpoint import DTYPE_BYTES, Checkpoint, numel, staging, tensor_specs
+from polm.checkpoint import (
+    DTYPE_BYTES,
+    Checkpoint,
+    numel,
+    staging,
+    stored_params,
+    tensor_specs,
+)
 from polm.errors import PolmError
 from polm.settings import StageSettings
 from polm.tasks import validate_task_names
@@ -100,8 +107,9 @@ def _gptqmodel():
     """GPTQModel, imported with polm's machine set-up (see the module docstring)."""
     import logging
 
-    workers = max(2, ((os.cpu_count() or 1) + 1) // 2)
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(workers))
+    from polm.loading import gptqmodel_env
+
+    gptqmodel_env()
     os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
     import gptqmodel
     from logbar import LogBar
@@ -187,11 +195,6 @@ def is_moe(ckpt: Checkpoint) -> bool:
 
     cfg = json.loads((ckpt.path / "config.json").read_text())
     return bool(cfg.get("num_local_experts") or cfg.get("num_experts"))
-
-
-def stored_params(path: Path) -> int:
-    """Parameters of an unquantized checkpoint, from its safetensors headers."""
-    return sum(numel(shape) for _, shape in tensor_specs(path).values())
 
 
 def quantized_layer_stats(path: Path, bits: int) -> dict:

@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from polm.checkpoint import Checkpoint, staging
+from polm.checkpoint import Checkpoint, staging, stored_params
 from polm.errors import PolmError
 from polm.settings import StageSettings
 from polm.tasks import validate_task_names
@@ -178,12 +178,7 @@ def run(inputs: list[Checkpoint], settings: OnnxSettings, out: Path) -> Checkpoi
         if s.parity_n and _provider_available(s.execution_provider):
             metrics |= parity(parent, st.dir, s)
         cfg = json.loads((parent.path / "config.json").read_text())
-        params = parent.manifest.metrics.get("params")
-        if not params:
-            from polm.loading import load_model
-
-            model, _ = load_model(parent)
-            params = sum(p.numel() for p in model.parameters())
+        params = stored_params(parent.path)
         weights = sum(f.stat().st_size for f in st.dir.glob("model.onnx*"))
         metrics |= {
             "params": params,

@@ -267,6 +267,11 @@ def numel(shape: list[int]) -> int:
     return n
 
 
+def stored_params(path: str | os.PathLike) -> int:
+    """Parameters stored in a checkpoint's safetensors files, counted from their headers."""
+    return sum(numel(shape) for _, shape in tensor_specs(path).values())
+
+
 def _weights_bytes(path: Path) -> int:
     return sum(
         f.stat().st_size

@@ -85,13 +85,19 @@ def sample_generate(
     return outs
 
 
-def accuracy(model, tokenizer, task: str, n: int | None = None, batch_size: int = 128) -> dict:
-    """Exact-match accuracy on the task's test split (first ``n`` examples when given)."""
+def task_accuracy(task: str, n: int | None, answer) -> dict:
+    """Exact-match accuracy on the task's test split (first ``n`` examples when given), with
+    ``answer(prompts) -> completions`` doing the decoding (torch, ONNX, ...)."""
     t = get_task(task)
     examples = t.examples("test", n)
-    completions = greedy_generate(model, tokenizer, [e.prompt for e in examples], batch_size)
+    completions = answer([e.prompt for e in examples])
     correct = sum(t.score(c, e) for c, e in zip(completions, examples))
     return {"accuracy": correct / len(examples), "n": len(examples)}
+
+
+def accuracy(model, tokenizer, task: str, n: int | None = None, batch_size: int = 128) -> dict:
+    """Exact-match accuracy of a torch model on the task's test split."""
+    return task_accuracy(task, n, lambda ps: greedy_generate(model, tokenizer, ps, batch_size))
 
 
 def perplexity(model, tokenizer, n: int = 200) -> float:
@@ -243,11 +249,10 @@ def evaluate_checkpoint(
     metrics: dict = {"size_bytes": size_bytes(ckpt.path)}
     if ckpt.format == "onnx":  # onnxruntime-genai alone: accuracy only
         from polm.onnxrt import OnnxLM
-        from polm.onnxrt import accuracy as onnx_accuracy
 
         lm = OnnxLM(ckpt.path)
         for task in tasks:
-            result = onnx_accuracy(lm, task, n, MAX_NEW_TOKENS)
+            result = task_accuracy(task, n, lambda ps: lm.greedy(ps, MAX_NEW_TOKENS))
             metrics[f"eval.{task}.accuracy"] = result["accuracy"]
             metrics[f"eval.{task}.n"] = result["n"]
         return metrics

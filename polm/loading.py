@@ -50,10 +50,17 @@ def _load_hf(path, dtype=None):
         ) from None
 
 
+def gptqmodel_env() -> None:
+    """GPTQModel's CPU worker pool needs at least two workers, but its default is half the
+    cores (one on a 2-core machine, where it then fails): set it unless the user did."""
+    import os
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
+
+
 def _load_gptq(path, dtype=None):
     """A GPTQ checkpoint through transformers (which needs optimum and GPTQModel)."""
     import importlib.util
-    import os
 
     missing = [m for m in ("optimum", "gptqmodel") if importlib.util.find_spec(m) is None]
     if missing:
@@ -61,8 +68,7 @@ def _load_gptq(path, dtype=None):
             f"{path} is a GPTQ checkpoint; loading it through transformers needs "
             f"{' and '.join(missing)} (pip install 'polm[gptq]')."
         )
-    # GPTQModel's CPU pool needs two workers; its default is half the cores
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
+    gptqmodel_env()
     model = _load_hf(path, dtype)
     for module in model.modules():
         # GPTQModel's torch kernels wrap their dequantization in torch.compile, which costs

@@ -93,14 +93,3 @@ class OnnxLM:
         gen = og.Generator(self.model, params)
         gen.append_tokens(ids)
         return np.array(gen.get_logits())[0, -1].astype("float32")
-
-
-def accuracy(lm: OnnxLM, task: str, n: int | None = None, max_new_tokens: int = 48) -> dict:
-    """Exact-match accuracy on the task's test split, as :func:`polm.evaluate.accuracy`."""
-    from polm.tasks import get_task
-
-    t = get_task(task)
-    examples = t.examples("test", n)
-    completions = lm.greedy([e.prompt for e in examples], max_new_tokens)
-    correct = sum(t.score(c, e) for c, e in zip(completions, examples))
-    return {"accuracy": correct / len(examples), "n": len(examples)}
