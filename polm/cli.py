@@ -188,6 +188,38 @@ def cmd_stage(a) -> None:
                 print(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
 
 
+def cmd_package_edge(a) -> None:
+    import tempfile
+
+    from polm.checkpoint import Checkpoint
+    from polm.runner import run_stage
+    from polm.settings import parse_settings
+    from serve.edge import package_edge
+
+    ckpt = Checkpoint.open(a.ckpt)
+    with tempfile.TemporaryDirectory(prefix=".polm-edge-", dir=Path(a.out).parent) as tmp:
+        if ckpt.format != "onnx":  # export first: the package carries an int4 ONNX model
+            settings = parse_settings("optimize.onnx", {"precision": a.precision})
+            print(f"exporting {ckpt.path} to ONNX ({a.precision}) ...")
+            ckpt = run_stage("optimize.onnx", [ckpt], settings, Path(tmp) / ckpt.path.name)
+        out = package_edge(ckpt, a.out, tar=a.tar)
+    print(f"edge package -> {out}" + (f" (+ {out.name}.tar.gz)" if a.tar else ""))
+
+
+def cmd_serve(a) -> None:
+    import os
+    import shutil
+
+    bentoml = shutil.which("bentoml") or str(Path(sys.executable).with_name("bentoml"))
+    argv = [bentoml, "serve", "serve.service:Polm", "--host", a.host, "--port", str(a.port)]
+    for key in ("model", "backend", "served_model_name", "max_concurrency"):
+        value = getattr(a, key)
+        if value is not None:
+            argv += ["--arg", f"{key}={value}"]
+    os.chdir(Path(__file__).resolve().parent.parent)  # where serve/ and bentofile.yaml live
+    os.execv(argv[0], argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from polm.registry import STAGES
 
@@ -237,6 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept pickle (.bin/.pt) weights; loaded with weights_only=True",
     )
     s.set_defaults(fn=cmd_import)
+    s = sub.add_parser("serve", help="serve a checkpoint (bentoml serve, OpenAI-compatible)")
+    s.add_argument("model", nargs="?", help="checkpoint directory (default: the built-in)")
+    s.add_argument("--backend", choices=["auto", "transformers", "onnx", "vllm"])
+    s.add_argument("--served-model-name", dest="served_model_name")
+    s.add_argument("--max-concurrency", dest="max_concurrency", type=int)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=3000)
+    s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("package", help="package a checkpoint for deployment")
+    pk = s.add_subparsers(dest="target", required=True, metavar="TARGET")
+    s = pk.add_parser("edge", help="int4 ONNX + runner needing only onnxruntime-genai")
+    s.add_argument("ckpt")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tar", action="store_true", help="also write OUT.tar.gz")
+    s.add_argument(
+        "--precision",
+        default="int4",
+        choices=["int4", "int8", "fp32"],
+        help="export precision when CKPT is not already onnx",
+    )
+    s.set_defaults(fn=cmd_package_edge)
     s = sub.add_parser("report", help="print the summary table of a run directory")
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_report)

@@ -49,6 +49,10 @@ def shared(tmp_path_factory, name: str, build):
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's directory, above each worker's own
+    if keep := os.environ.get("POLM_TEST_KEEP"):
+        # a developer's option (never CI's): keep built models across runs in this directory;
+        # delete it after changing what a fixture builds
+        root = Path(keep)
     out = root / "shared" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
@@ -83,6 +87,15 @@ def add_sft(base_ckpt, tmp_path_factory):
 
     settings = SFTSettings(task="add", max_steps=ADD_SFT_STEPS, logging_steps=10)
     return shared(tmp_path_factory, "add_sft", lambda out: sft([base_ckpt], settings, out))
+
+
+def onnx_int4(add_sft, tmp_path_factory):
+    """The int4 ONNX export of ``add_sft`` (with a 100-prompt parity check), built once per run:
+    the ONNX tests' subject and the model the serving and edge tests serve."""
+    from optimize.onnx import OnnxSettings, run
+
+    s = OnnxSettings(precision="int4", task="add", parity_n=100)
+    return shared(tmp_path_factory, "onnx_int4", lambda out: run([add_sft], s, out))
 
 
 @pytest.fixture

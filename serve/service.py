@@ -1,0 +1,79 @@
+"""The BentoML service: one polm checkpoint behind an OpenAI-compatible API and a chat page.
+
+    bentoml serve                                   # the built-in tiny chat model
+    bentoml serve --arg model=runs/compress/gptq    # any polm checkpoint (or POLM_MODEL=...)
+
+Arguments (``--arg key=value``; each also read from ``POLM_<KEY>``): ``model`` (a checkpoint
+directory; default the built-in ``builtin:tiny-base``), ``backend`` (auto, transformers, onnx,
+vllm), ``served_model_name`` (default: the checkpoint directory's name), ``max_concurrency``
+(generation requests in flight before a 429, default 32), ``max_body_bytes`` (default 1 MiB,
+413 above), ``default_max_tokens`` (for requests that name no ``max_tokens``: the rest of the
+context, at most this; default 1024), ``timeout_s`` (BentoML's request timeout, default 600).
+
+The module imports only BentoML, Starlette and polm's protocol at import time. The service
+loads the model on a background thread from ``__init__``, so the server answers ``/livez`` at
+once and ``/readyz`` 503 until the model is loaded and a warm-up generation has succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import bentoml
+from pydantic import BaseModel, Field
+
+from serve.app import build_app
+from serve.state import ServerState, load_state
+
+log = logging.getLogger("polm.serve")
+
+
+class ServeArgs(BaseModel):
+    model: str | None = Field(None, description="checkpoint directory; default the built-in")
+    backend: str = Field("auto", description="auto | transformers | onnx | vllm")
+    served_model_name: str | None = None
+    max_concurrency: int = Field(32, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    timeout_s: int = Field(600, ge=1)
+    default_max_tokens: int = Field(1024, ge=1, description="when a request names none")
+
+
+def _args() -> ServeArgs:
+    given = dict(vars(bentoml.use_arguments()))
+    for name in ServeArgs.model_fields:
+        env = os.environ.get(f"POLM_{name.upper()}")
+        if env is not None and name not in given:
+            given[name] = env
+    return ServeArgs(**given)
+
+
+ARGS = _args()
+STATE = ServerState(default_max_tokens=ARGS.default_max_tokens)
+APP = build_app(STATE, max_body_bytes=ARGS.max_body_bytes, max_concurrency=ARGS.max_concurrency)
+
+
+@bentoml.service(
+    name="polm",
+    # BentoML's own cap is a backstop over every route; polm's OpenAI-shaped 429 (ARGS
+    # max_concurrency, generation routes only) triggers first.
+    traffic={"timeout": ARGS.timeout_s, "max_concurrency": ARGS.max_concurrency + 16},
+    workers=1,
+)
+@bentoml.asgi_app(APP, path="/")
+class Polm:
+    def __init__(self) -> None:
+        self.state = STATE
+        threading.Thread(target=self._load, name="polm-load", daemon=True).start()
+
+    def _load(self) -> None:
+        load_state(self.state, ARGS.model, ARGS.backend, ARGS.served_model_name)
+
+    def __is_ready__(self) -> bool:
+        return self.state.ready
+
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        if self.state.backend is not None:
+            self.state.backend.close()

@@ -1,0 +1,100 @@
+"""What the routes serve: the loaded model, its card (format, backend, lineage) and whether it
+is ready. :func:`load_state` is what the BentoML service runs on its loading thread; tests call
+it directly to serve a checkpoint in-process through the same app."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serve.backends import Backend
+
+log = logging.getLogger("polm.serve")
+
+
+@dataclass
+class ServerState:
+    """What the routes need: set by the service once the model is loaded and warm."""
+
+    model_id: str = ""
+    backend: Backend | None = None
+    card: dict = field(default_factory=dict)  # format, backend, lineage (ModelCard.polm)
+    ready: bool = False
+    failed: str | None = None  # why loading failed (logged in full; shown in short)
+    # a request without max_tokens gets the rest of the context, up to this many tokens
+    default_max_tokens: int = 1024
+
+
+def load_state(
+    state: ServerState,
+    model: str | None,
+    backend: str = "auto",
+    served_model_name: str | None = None,
+) -> ServerState:
+    """Open the checkpoint, load it on its backend, warm it up, then mark ``state`` ready; on
+    failure record why (the routes answer 503 with it, the log has the traceback)."""
+    try:
+        from polm.checkpoint import Checkpoint, lineage
+        from serve.backends import GenParams, open_backend
+
+        ckpt = Checkpoint.open(model or default_model())
+        engine = open_backend(ckpt, backend)
+        _warm_up(engine, GenParams(max_tokens=4, temperature=0))
+        state.card = {
+            "format": ckpt.format,
+            "backend": engine.name,
+            "stage": ckpt.stage,
+            "lineage": [_node(depth, node) for depth, node in lineage(ckpt)],
+        }
+        state.model_id = served_model_name or ckpt.path.name
+        state.backend = engine
+        state.ready = True
+        log.info("serving %s on %s", ckpt.path, engine.name)
+    except Exception as e:
+        log.exception("loading the model failed")
+        state.failed = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    return state
+
+
+def _warm_up(backend, params) -> None:
+    import asyncio
+
+    async def go():
+        ids = backend.encode(backend.render_chat([{"role": "user", "content": "hello"}]))
+        async for _ in backend.generate(ids, params):
+            pass
+
+    asyncio.run(go())
+
+
+def _node(depth: int, node) -> dict:
+    from polm.checkpoint import Checkpoint
+
+    m = node.manifest if isinstance(node, Checkpoint) else node
+    out = {"depth": depth, "stage": m.stage, "content_hash": m.content_hash[:12]}
+    if isinstance(node, Checkpoint):
+        out["name"] = node.path.name
+        out["format"] = m.format
+        out["metrics"] = {k: v for k, v in m.metrics.items() if k.startswith("eval.")}
+        if m.stage == "import":
+            out["source"] = m.settings.get("source")
+    else:
+        out["name"] = Path(m.path).name
+    return out
+
+
+def default_model() -> Path:
+    """The built-in tiny chat model, imported once into polm's cache directory."""
+    from polm.checkpoint import Checkpoint
+    from polm.errors import PolmError
+    from polm.importer import import_model
+
+    root = Path(os.environ.get("POLM_CACHE") or Path.home() / ".cache" / "polm")
+    out = root / "serve" / "tiny-base"
+    try:
+        Checkpoint.open(out)
+    except PolmError:
+        import_model("builtin:tiny-base", out)
+    return out

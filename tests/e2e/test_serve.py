@@ -1,0 +1,410 @@
+"""A real `bentoml serve` on 127.0.0.1, driven by the official `openai` client (and raw HTTP
+for what a client library would refuse to send): the OpenAI routes, usage counts, identical
+greedy answers under concurrency, a table of malformed requests that must all be 4xx with the
+OpenAI error shape, 16 concurrent streams, the concurrency cap's 429, graceful SIGTERM and the
+chat page in headless Chromium."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+MAX_BODY = 65536
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp: Path, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [
+                BENTOML,
+                "serve",
+                "serve.service:Polm",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env={
+                **os.environ,
+                "POLM_CACHE": str(tmp / "cache"),
+                "OMP_NUM_THREADS": "1",
+                **{f"POLM_{k.upper()}": str(v) for k, v in env.items()},
+            },
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.readyz_codes = []
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.read_log()
+            try:
+                code = httpx.get(self.url + "/readyz", timeout=2).status_code
+                self.readyz_codes.append(code)
+                if code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        else:
+            raise AssertionError("server never became ready:\n" + self.read_log())
+        self.client = OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+        self.model = self.client.models.list().data[0].id
+
+    def read_log(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("serve"), max_body_bytes=MAX_BODY)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(server):
+    from polm.loading import load_tokenizer
+
+    return load_tokenizer(Path(server.log.name).parent / "cache" / "serve" / "tiny-base")
+
+
+def chat(server, content, **kw):
+    return server.client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": content}], **kw
+    )
+
+
+def test_models_chat_and_completions_with_right_usage(server, tokenizer):
+    models = server.client.models.list().data
+    assert [m.id for m in models] == ["tiny-base"]
+    card = models[0].model_extra
+    assert card["max_model_len"] == 256 and card["polm"]["format"] == "hf"
+    assert card["polm"]["lineage"][0]["source"] == "builtin:tiny-base"
+
+    messages = [{"role": "user", "content": "Reverse the letters: abcd"}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    r = server.client.chat.completions.create(
+        model=server.model, messages=messages, temperature=0, max_tokens=64
+    )
+    answer = r.choices[0].message.content
+    assert answer and r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.completion_tokens == len(
+        tokenizer(answer, add_special_tokens=False)["input_ids"]
+    )
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    # the same request streamed: the same text in pieces, the same usage at the end
+    pieces, usage, reasons = [], None, []
+    for chunk in server.client.chat.completions.create(
+        model=server.model,
+        messages=messages,
+        temperature=0,
+        max_tokens=64,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            reasons.append(c.finish_reason)
+    assert "".join(pieces) == answer and len([p for p in pieces if p]) > 1
+    assert reasons[-1] == "stop" and usage == r.usage
+
+    # max_tokens cuts the answer: finish_reason length, exactly that many tokens
+    cut = chat(server, "Reverse the letters: abcdefghij", temperature=0, max_tokens=3)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
+
+    # text completions, plain and streamed
+    c = server.client.completions.create(
+        model=server.model, prompt="<|user|>\nhello", max_tokens=5, temperature=0
+    )
+    assert c.usage.completion_tokens <= 5 and c.choices[0].finish_reason in ("stop", "length")
+    streamed = "".join(
+        ch.choices[0].text
+        for ch in server.client.completions.create(
+            model=server.model,
+            prompt="<|user|>\nhello",
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+        )
+        if ch.choices
+    )
+    assert streamed == c.choices[0].text
+
+
+def test_stop_strings_and_seeded_sampling(server):
+    full = chat(server, "Reverse the letters: abcdef", temperature=0, max_tokens=32)
+    text = full.choices[0].message.content
+    assert len(text) > 2
+    stopped = chat(
+        server, "Reverse the letters: abcdef", temperature=0, max_tokens=32, stop=[text[2]]
+    )
+    assert stopped.choices[0].message.content == text[: text.index(text[2])]
+    assert stopped.choices[0].finish_reason == "stop"
+    a, b = (
+        chat(server, "Tell me something.", temperature=1.0, seed=7, max_tokens=24) for _ in range(2)
+    )
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_greedy_answers_are_identical_across_concurrent_requests(server):
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(
+            pool.map(
+                lambda _: (
+                    chat(server, "Reverse the letters: polm", temperature=0, max_tokens=40)
+                    .choices[0]
+                    .message.content
+                ),
+                range(4),
+            )
+        )
+    assert outs[0] and outs == [outs[0]] * 4
+
+
+def test_sixteen_concurrent_streams_finish_without_errors(server):
+    def stream(i):
+        text = ""
+        for chunk in server.client.chat.completions.create(
+            model=server.model,
+            messages=[{"role": "user", "content": f"Reverse: ab{i}"}],
+            stream=True,
+            max_tokens=48,
+            temperature=0.7,
+            seed=i,
+        ):
+            for c in chunk.choices:
+                text += c.delta.content or ""
+        return text
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(stream, range(16)))
+    assert len(results) == 16 and all(isinstance(r, str) for r in results)
+    assert sum(bool(r) for r in results) >= 12  # answers, not just empty streams
+
+
+LONG = "x " * 400  # far over the 256-token context
+CHAT = "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+MALFORMED = [
+    # (id, path, body (dict/list -> JSON, str/bytes -> raw), status, param)
+    ("invalid-json", CHAT, b'{"messages": [', 400, None),
+    ("body-is-a-list", CHAT, [MSG], 400, None),
+    ("body-is-a-string", CHAT, '"hello"', 400, None),
+    ("not-utf8", CHAT, b"\xff\xfe\x00", 400, None),
+    ("no-messages", CHAT, {"max_tokens": 5}, 400, "messages"),
+    ("empty-messages", CHAT, {"messages": []}, 400, "messages"),
+    ("messages-not-a-list", CHAT, {"messages": "hi"}, 400, "messages"),
+    ("bad-role", CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
+    ("content-not-text", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, None),
+    ("max-tokens-zero", CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ("max-tokens-negative", CHAT, {"messages": MSG, "max_tokens": -3}, 400, "max_tokens"),
+    ("max-tokens-string", CHAT, {"messages": MSG, "max_tokens": "10"}, 400, "max_tokens"),
+    ("temperature-negative", CHAT, {"messages": MSG, "temperature": -0.5}, 400, "temperature"),
+    ("temperature-too-high", CHAT, {"messages": MSG, "temperature": 9}, 400, "temperature"),
+    ("top-p-zero", CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p"),
+    ("top-p-over-one", CHAT, {"messages": MSG, "top_p": 1.5}, 400, "top_p"),
+    ("too-many-stops", CHAT, {"messages": MSG, "stop": list("abcde")}, 400, "stop"),
+    ("n-two", CHAT, {"messages": MSG, "n": 2}, 400, "n"),
+    ("stream-not-bool", CHAT, {"messages": MSG, "stream": "yes"}, 400, "stream"),
+    ("unknown-field", CHAT, {"messages": MSG, "max_token": 5}, 400, "max_token"),
+    ("negative-seed", CHAT, {"messages": MSG, "seed": -1}, 400, "seed"),
+    (
+        "prompt-over-context",
+        CHAT,
+        {"messages": [{"role": "user", "content": LONG}]},
+        400,
+        "messages",
+    ),
+    ("prompt-plus-max-tokens", CHAT, {"messages": MSG, "max_tokens": 250}, 400, "max_tokens"),
+    ("unknown-model", CHAT, {"model": "gpt-9", "messages": MSG}, 404, "model"),
+    (
+        "oversized-body",
+        CHAT,
+        {"messages": [{"role": "user", "content": "y" * MAX_BODY}]},
+        413,
+        None,
+    ),
+    ("completion-no-prompt", "/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+    ("completion-two-prompts", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("completion-prompt-number", "/v1/completions", {"prompt": 42}, 400, "prompt"),
+    ("completion-over-context", "/v1/completions", {"prompt": LONG}, 400, "prompt"),
+    ("unknown-route", "/v1/embeddings", {"input": "hi"}, 404, None),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,param", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_requests_get_openai_shaped_4xx(server, name, path, body, status, param):
+    if isinstance(body, (dict, list)):
+        content = json.dumps(body).encode()
+    else:
+        content = body.encode() if isinstance(body, str) else body
+    r = httpx.post(
+        server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    for leak in ("Traceback", str(REPO), "/tmp/", "127.0.0.1"):
+        assert leak not in err["message"], err
+
+
+def test_the_openai_client_sees_typed_errors(server):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(model="nope", messages=MSG)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        chat(server, LONG)
+    r = httpx.get(server.url + CHAT)  # wrong method
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def slow_request(url: str, path: str = CHAT):
+    """Open a request whose body never finishes arriving: it holds a slot until released."""
+    body = json.dumps({"messages": MSG, "max_tokens": 4, "temperature": 0}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body[:5]
+    )
+
+    def finish() -> tuple[int, bytes]:
+        sock.sendall(body[5:])
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            got = sock.recv(65536)
+            if not got:
+                break
+            data += got
+        sock.close()
+        return int(data.split(b" ", 2)[1]), data
+
+    return finish
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("capped"), max_concurrency=2)
+    yield s
+    s.stop()
+
+
+def test_over_the_concurrency_cap_is_429_while_readyz_answers(capped):
+    assert 503 in capped.readyz_codes or capped.readyz_codes == [200]
+    first, second = slow_request(capped.url), slow_request(capped.url)
+    time.sleep(0.5)
+    r = httpx.post(capped.url + CHAT, json={"messages": MSG, "max_tokens": 2})
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    assert httpx.get(capped.url + "/readyz").status_code == 200
+    assert httpx.get(capped.url + "/v1/models").status_code == 200  # not a generation
+    assert first()[0] == 200 and second()[0] == 200
+    r = httpx.post(capped.url + CHAT, json={"messages": MSG, "max_tokens": 2})
+    assert r.status_code == 200  # slots freed
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(capped):
+    finish = slow_request(capped.url)
+    time.sleep(0.3)
+    capped.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    status, data = finish()
+    assert status == 200 and b'"finish_reason"' in data
+    assert capped.proc.wait(timeout=60) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(capped.url + "/readyz", timeout=2)
+
+
+def chromium() -> tuple[str, str]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip(
+            "Debian's chromium and chromium-driver are not installed "
+            "(apt-get install chromium chromium-driver; .ci/run tries)"
+        )
+    return browser, driver
+
+
+def test_chat_page_streams_an_answer_in_headless_chromium(server):
+    browser, driver = chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ):
+        opts.add_argument(flag)
+    d = webdriver.Chrome(service=Service(driver), options=opts)
+    try:
+        d.get(server.url + "/")
+        wait = WebDriverWait(d, 30)
+        wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("value") == "tiny-base")
+        assert "builtin:tiny-base" in d.find_element(By.ID, "lineage").text
+        # count the answer's updates as they arrive: a streamed answer grows in several steps
+        d.execute_script("""
+            window.updates = 0;
+            new MutationObserver(() => window.updates++).observe(
+                document.getElementById('log'), {subtree: true, characterData: true,
+                                                 childList: true});
+        """)
+        d.find_element(By.ID, "input").send_keys("Reverse the letters: chromium")
+        d.find_element(By.ID, "send").click()
+        done = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done]"))
+        assert done[0].text.strip()
+        assert d.execute_script("return window.updates") > 3
+        assert "tokens/s" in d.find_element(By.ID, "stats").text
+        assert not d.find_elements(By.CSS_SELECTOR, ".error")
+    finally:
+        d.quit()

@@ -1,0 +1,180 @@
+"""The serving app in-process (the same Starlette app and loader the BentoML service runs,
+driven by the official `openai` client over httpx's ASGI transport) on every checkpoint format
+the earlier stages write: GPTQ, 1-bit, MoE and ONNX are each served and answer; the
+transformers backend batches concurrent requests and its batched greedy answers equal the
+evaluation's; backend choice follows the format; stop strings are cut across tokens."""
+
+import asyncio
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+
+from polm.errors import PolmError
+from polm.evaluate import greedy_generate
+from polm.loading import load_model
+from polm.tasks import get_task
+from serve.app import build_app
+from serve.backends import TextStream, choose_backend
+from serve.state import ServerState, load_state
+from tests.conftest import onnx_int4, shared
+
+pytestmark = pytest.mark.slow
+PROMPTS = [ex for ex in get_task("add").examples("test", 8)]
+
+
+@pytest.fixture(scope="module")
+def formats(add_sft, tmp_path_factory):
+    from merge.moe import MoESettings
+    from merge.moe import run as moe
+    from optimize.gptq import GPTQSettings
+    from optimize.gptq import run as gptq
+    from optimize.onebit import OneBitSettings
+    from optimize.onebit import run as onebit
+
+    def build(name, fn):
+        return shared(tmp_path_factory, f"serve_{name}", fn)
+
+    return {
+        "gptq": build("gptq", lambda o: gptq([add_sft], GPTQSettings(bits=4, task="add"), o)),
+        "onebit": build(
+            "onebit",
+            lambda o: onebit([add_sft], OneBitSettings(method="ternary", recovery=False), o),
+        ),
+        "moe": build(
+            "moe",
+            lambda o: moe(
+                [add_sft], MoESettings(num_experts=2, gate_mode="random", noise_scale=0.001), o
+            ),
+        ),
+        "onnx": onnx_int4(add_sft, tmp_path_factory),
+    }
+
+
+def client(state: ServerState) -> AsyncOpenAI:
+    transport = httpx.ASGITransport(app=build_app(state))
+    http = httpx.AsyncClient(transport=transport, base_url="http://polm.test/v1")
+    return AsyncOpenAI(base_url="http://polm.test/v1", api_key="-", http_client=http)
+
+
+async def answers(state: ServerState, prompts: list[str], **kw) -> list[str]:
+    c = client(state)
+
+    async def one(p):
+        r = await c.chat.completions.create(
+            model=state.model_id, messages=[{"role": "user", "content": p}], **kw
+        )
+        return r.choices[0].message.content
+
+    return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def correct(task_answers: list[str]) -> int:
+    task = get_task("add")
+    return sum(task.score(a, ex) for a, ex in zip(task_answers, PROMPTS))
+
+
+@pytest.mark.parametrize(
+    "fmt,backend,min_correct",
+    [
+        ("gptq", "transformers", 5),
+        ("onebit", "transformers", 0),
+        ("moe", "transformers", 5),
+        ("onnx", "onnx", 5),
+    ],
+)
+def test_each_format_is_served_and_answers(formats, fmt, backend, min_correct):
+    ckpt = formats[fmt]
+    state = load_state(ServerState(), str(ckpt.path))
+    assert state.ready, state.failed
+    try:
+        assert state.card["format"] == ckpt.format and state.card["backend"] == backend
+        assert ckpt.format == ("hf" if fmt == "moe" else fmt)  # a Mixtral is a plain HF model
+        assert state.card["lineage"][0]["stage"] == ckpt.stage
+        assert any(n["stage"] == "align.sft" for n in state.card["lineage"])
+        outs = asyncio.run(
+            answers(state, [ex.prompt for ex in PROMPTS], temperature=0, max_tokens=48)
+        )
+        assert all(isinstance(o, str) for o in outs)
+        assert sum(bool(o.strip()) for o in outs) >= 6, outs
+        # the compressed models still add (the parent gets about 7 of 8); the 1-bit one without
+        # recovery is only required to answer
+        assert correct(outs) >= min_correct, outs
+    finally:
+        state.backend.close()
+
+
+def test_transformers_backend_batches_and_matches_the_evaluation(add_sft):
+    state = load_state(ServerState(), str(add_sft.path))
+    try:
+        prompts = [ex.prompt for ex in PROMPTS]
+        served = asyncio.run(answers(state, prompts, temperature=0, max_tokens=48))
+        stats = state.backend.stats
+        # 8 concurrent requests (plus the warm-up) ran in fewer forward batches than requests
+        assert stats["max_rows"] >= 4 and stats["batches"] < stats["requests"], stats
+        model, tok = load_model(add_sft)
+        assert served == greedy_generate(model, tok, prompts, max_new_tokens=48)
+    finally:
+        state.backend.close()
+
+
+def test_onnx_service_answers_equal_the_onnx_evaluation(formats):
+    from polm.onnxrt import OnnxLM
+
+    state = load_state(ServerState(), str(formats["onnx"].path))
+    try:
+        prompts = [ex.prompt for ex in PROMPTS[:5]]
+        served = asyncio.run(answers(state, prompts, temperature=0, max_tokens=48))
+        assert served == OnnxLM(formats["onnx"].path).greedy(prompts, 48)
+    finally:
+        state.backend.close()
+
+
+def test_a_checkpoint_that_cannot_load_is_a_503_without_its_path(tmp_path):
+    state = load_state(ServerState(), str(tmp_path))  # not a checkpoint
+    assert not state.ready and "not a polm checkpoint" in state.failed  # for the log
+
+    async def get():
+        transport = httpx.ASGITransport(app=build_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.get("/v1/models")
+
+    resp = asyncio.run(get())
+    err = resp.json()["error"]
+    assert resp.status_code == 503 and err["type"] == "server_error"
+    assert "failed to load" in err["message"] and str(tmp_path) not in err["message"]
+
+
+def test_backend_choice_follows_the_format():
+    assert choose_backend("onnx") == "onnx"
+    assert choose_backend("gptq") in ("transformers", "vllm")
+    assert choose_backend("onebit") == "transformers"  # vLLM cannot read polm's 1-bit format
+    assert choose_backend("hf", "transformers") == "transformers"
+    for fmt, requested, message in [
+        ("hf", "onnx", "Export it first"),
+        ("onnx", "transformers", "onnx backend"),
+        ("onebit", "vllm", "does not read"),
+        ("hf", "tensorrt", "unknown backend"),
+    ]:
+        with pytest.raises(PolmError, match=message):
+            choose_backend(fmt, requested)
+
+
+def test_stop_strings_are_cut_even_when_split_across_tokens():
+    pieces = ["The", " ans", "wer", " is", " 4", "2", "!"]
+    vocab = {i: p for i, p in enumerate(pieces)}
+
+    def run(stop):
+        stream = TextStream(lambda ids: "".join(vocab[i] for i in ids), stop)
+        out = ""
+        for i in range(len(pieces)):
+            out += stream.push(i)
+            if stream.stopped:
+                return out, True
+        return out + stream.flush(), False
+
+    assert run([]) == ("The answer is 42!", False)
+    assert run(["answer"]) == ("The ", True)  # "answer" arrives as " ans" + "wer"
+    assert run(["42"]) == ("The answer is ", True)
+    assert run(["xyz", "is 4"]) == ("The answer ", True)
+    assert run(["!?"]) == ("The answer is 42!", False)  # held back, then released at the end
