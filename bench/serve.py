@@ -33,8 +33,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
-PROMPT = "Write a long story about a lighthouse keeper and the sea."
-TINY_PROMPT = "Reverse the letters: lighthouse"
+# text completions, not chat: the servers' chat templates differ (llama.cpp takes the GGUF's),
+# and a base model continues a story instead of ending its turn at once
+PROMPT = "Once upon a time, in a small village by the sea, there lived an old lighthouse keeper"
+TINY_PROMPT = "<|user|>\nreverse lighthouse<|end|>\n<|assistant|>\n"
 
 
 def free_port() -> int:
@@ -113,10 +115,10 @@ def single_stream(server: Server, prompt: str, tokens: int) -> float:
     rates = []
     for _ in range(3):
         first = last = None
-        usage = None
-        for chunk in server.client.chat.completions.create(
+        usage, pieces = None, 0
+        for chunk in server.client.completions.create(
             model=server.model,
-            messages=[{"role": "user", "content": prompt}],
+            prompt=prompt,
             max_tokens=tokens,
             temperature=0,
             stream=True,
@@ -124,10 +126,12 @@ def single_stream(server: Server, prompt: str, tokens: int) -> float:
         ):
             if chunk.usage:
                 usage = chunk.usage
-            if chunk.choices and chunk.choices[0].delta.content:
+            if chunk.choices and chunk.choices[0].text:
                 last = time.perf_counter()
                 first = first or last
-        n = usage.completion_tokens if usage else 0
+                pieces += 1
+        # llama.cpp's server sends no usage when streaming: it streams a token per chunk
+        n = usage.completion_tokens if usage else pieces
         if first and last > first and n > 1:
             rates.append((n - 1) / (last - first))
     return statistics.median(rates) if rates else 0.0
@@ -135,12 +139,8 @@ def single_stream(server: Server, prompt: str, tokens: int) -> float:
 
 def aggregate(server: Server, prompt: str, tokens: int, clients: int) -> tuple[float, int]:
     def one(i):
-        r = server.client.chat.completions.create(
-            model=server.model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=tokens,
-            temperature=0.8,
-            seed=i,
+        r = server.client.completions.create(
+            model=server.model, prompt=prompt, max_tokens=tokens, temperature=0.8, seed=i
         )
         return r.usage.completion_tokens
 
@@ -150,7 +150,7 @@ def aggregate(server: Server, prompt: str, tokens: int, clients: int) -> tuple[f
     return sum(done) / (time.perf_counter() - start), len(done)
 
 
-def polm_server(model: Path, backend: str, threads: int) -> Server:
+def polm_server(model: Path, backend: str, threads: int, **extra_env) -> Server:
     env = {
         "POLM_MODEL": str(model),
         "POLM_BACKEND": backend,

@@ -96,13 +96,38 @@ class OnnxSettings(StageSettings):
         return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in opts.items()]
 
 
+# The builder, run as ``python -c``: onnxruntime-genai 0.18's Gemma 3 exporter reads a flat
+# ``rope_parameters`` and the older ``rope_local_base_freq``, but transformers 5 gives Gemma 3
+# its RoPE settings per layer type ({full_attention: ..., sliding_attention: ...}). The shim
+# hands the exporter the form it reads; every other model goes through untouched.
+BUILDER = """
+import runpy
+import onnxruntime_genai.models.builder
+import builders
+
+G = builders.Gemma3Model
+init = G.__init__
+
+def gemma3_init(self, config, *args, **kwargs):
+    rope = getattr(config, "rope_parameters", None)
+    if type(self) is G and isinstance(rope, dict) and "sliding_attention" in rope:
+        config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+        config.rope_theta = rope["full_attention"]["rope_theta"]
+        config.rope_parameters = dict(rope["full_attention"])
+    init(self, config, *args, **kwargs)
+
+G.__init__ = gemma3_init
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
+
+
 def export(src: Path, dst: Path, s: OnnxSettings) -> None:
     """Run the model builder on the HF checkpoint ``src`` into ``dst`` (a child process)."""
     cache = dst.parent / f".{dst.name}.builder-cache"
     cmd = [
         sys.executable,
-        "-m",
-        "onnxruntime_genai.models.builder",
+        "-c",
+        BUILDER,
         "-i", str(src),
         "-o", str(dst),
         "-p", s.precision,

@@ -32,6 +32,11 @@ class OnnxLM:
                     f"{path} has no {name}: an onnx checkpoint is onnxruntime-genai's model "
                     "builder output (model.onnx, genai_config.json, tokenizer files)."
                 )
+        genai = json.loads((path / "genai_config.json").read_text())["model"]
+        self.context_length = int(genai.get("context_length") or 2048)
+        # sliding-window layers (Gemma 3) need a KV cache at least one window long
+        window = (genai.get("decoder", {}).get("sliding_window") or {}).get("window_size", 0)
+        self.min_cache = min(int(window or 0), self.context_length)
         config = og.Config(str(path))
         threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
         if threads:
@@ -41,6 +46,10 @@ class OnnxLM:
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.eos = set(int(t) for t in self.tokenizer.eos_token_ids)
+
+    def max_length(self, prompt_tokens: int, new_tokens: int) -> int:
+        """The generator's ``max_length`` (its KV cache size) for a prompt and answer."""
+        return min(self.context_length, max(prompt_tokens + new_tokens, self.min_cache))
 
     def chat_prompt(self, prompt: str) -> str:
         """A user turn rendered with the checkpoint's chat template, ready for the answer."""
@@ -62,13 +71,17 @@ class OnnxLM:
         width = batch.shape()[1]
         params = og.GeneratorParams(self.model)
         params.set_search_options(
-            max_length=width + max_new_tokens, do_sample=False, batch_size=len(texts)
+            max_length=self.max_length(width, max_new_tokens),
+            do_sample=False,
+            batch_size=len(texts),
         )
         gen = og.Generator(self.model, params)
         gen.append_tokens(batch)
         new: list[list[int]] = [[] for _ in texts]
         done = [False] * len(texts)
-        while not gen.is_done() and not all(done):
+        for _ in range(max_new_tokens):
+            if gen.is_done() or all(done):
+                break
             gen.generate_next_token()
             for j, token in enumerate(gen.get_next_tokens()):
                 if not done[j]:
@@ -89,7 +102,7 @@ class OnnxLM:
         og = self.og
         ids = self.tokenizer.encode(text)
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+        params.set_search_options(max_length=self.max_length(len(ids), 1), do_sample=False)
         gen = og.Generator(self.model, params)
         gen.append_tokens(ids)
         return np.array(gen.get_logits())[0, -1].astype("float32")

@@ -78,6 +78,9 @@ class Model:
         self.eos = {int(t) for t in self.tokenizer.eos_token_ids}
         cfg = json.loads((path / "genai_config.json").read_text())["model"]
         self.context_length = int(cfg.get("context_length") or 2048)
+        # sliding-window layers (Gemma 3) need a KV cache at least one window long
+        window = (cfg.get("decoder", {}).get("sliding_window") or {}).get("window_size", 0)
+        self.min_cache = min(int(window or 0), self.context_length)
         self.lock = Lock()
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
@@ -101,7 +104,8 @@ class Model:
         """Yield (text so far, token count, finish reason or None) as tokens arrive."""
         og = self.og
         params = og.GeneratorParams(self.model)
-        opts = {"max_length": len(ids) + max_tokens, "do_sample": temperature > 0}
+        cache = min(self.context_length, max(len(ids) + max_tokens, self.min_cache))
+        opts = {"max_length": cache, "do_sample": temperature > 0}
         if temperature > 0:
             opts.update(temperature=temperature, top_p=top_p, top_k=0)
             if seed is not None:

@@ -33,25 +33,18 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, **env):
+    def __init__(self, tmp: Path, target="serve.service:Polm", cwd=REPO, home=None, **env):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [
-                BENTOML,
-                "serve",
-                "serve.service:Polm",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
-            cwd=REPO,
+            [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=cwd,
             env={
                 **os.environ,
                 "POLM_CACHE": str(tmp / "cache"),
                 "OMP_NUM_THREADS": "1",
+                **({"BENTOML_HOME": str(home)} if home else {}),
                 **{f"POLM_{k.upper()}": str(v) for k, v in env.items()},
             },
             stdout=self.log,
@@ -353,6 +346,33 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(capped):
     assert capped.proc.wait(timeout=60) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(capped.url + "/readyz", timeout=2)
+
+
+def test_bentoml_build_works_offline_and_the_bento_serves(tmp_path):
+    home = tmp_path / "bentoml"
+    offline = {**os.environ, "BENTOML_HOME": str(home), "PIP_NO_INDEX": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(
+        [BENTOML, "build", "--output", "tag"],
+        cwd=REPO,
+        env=offline,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("polm:"), r.stdout
+    bento = home / "bentos" / "polm" / tag.split(":")[1]
+    assert (bento / "src" / "serve" / "static" / "index.html").is_file()
+    assert (bento / "src" / "polm" / "builtin" / "tiny-base" / "model.safetensors").is_file()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    s = Server(tmp_path, target=tag, cwd=outside, home=home)  # the bento's own sources
+    try:
+        r = chat(s, "Reverse the letters: bento", temperature=0, max_tokens=16)
+        assert r.choices[0].message.content
+    finally:
+        s.stop()
 
 
 def chromium() -> tuple[str, str]:
