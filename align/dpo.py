@@ -27,6 +27,7 @@ from polm.training import (
     save_trained,
     scratch_dir,
     single_input,
+    task_examples,
     train,
     trainer_args,
 )
@@ -125,7 +126,9 @@ def run(inputs: list[Checkpoint], settings: DPOSettings, out: Path) -> Checkpoin
 
     base = single_input(inputs, STAGE, "hf")
     s = settings
-    dataset = preference_dataset(s.task, s.dataset, s.n_train, s.seed)
+    dataset = preference_dataset(
+        s.task, s.dataset, task_examples(s) if s.task else s.n_train, s.seed
+    )
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(base)
     trainer = build_trainer(s, model, tokenizer, dataset, scratch_dir(out, s, [base]))

@@ -20,6 +20,7 @@ from polm.training import (
     save_trained,
     scratch_dir,
     single_input,
+    task_examples,
     train,
     trainer_args,
 )
@@ -48,7 +49,9 @@ def run(inputs: list[Checkpoint], settings: RewardSettings, out: Path) -> Checkp
 
     base = single_input(inputs, STAGE, "hf", causal_lm=False)
     s = settings
-    dataset = preference_dataset(s.task, s.dataset, s.n_train, s.seed)
+    dataset = preference_dataset(
+        s.task, s.dataset, task_examples(s) if s.task else s.n_train, s.seed
+    )
     torch.manual_seed(s.seed)
     check_safetensors(base.path)
     tokenizer = load_tokenizer(base.path)

@@ -28,6 +28,7 @@ from polm.training import (
     save_trained,
     scratch_dir,
     single_input,
+    task_examples,
     train,
     trainer_args,
 )
@@ -95,7 +96,7 @@ def build_dataset(s: SFTSettings):
 
     if s.task is not None:
         tasks = [s.task] if isinstance(s.task, str) else list(s.task)
-        ds = task_dataset(tasks, "messages", s.n_train, s.seed)
+        ds = task_dataset(tasks, "messages", task_examples(s), s.seed)
     else:
         ds = load_dataset_source(s.dataset, s.n_train)
         check_columns(ds, s.dataset, FORMATS)

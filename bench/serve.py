@@ -101,14 +101,19 @@ class Server:
         self.model = self.client.models.list().data[0].id
 
     def stop(self):
-        import signal
+        import psutil
 
         self.rss.running = False
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        root = psutil.Process(self.proc.pid)
+        procs = [root, *root.children(recursive=True)]  # BentoML's workers leave the group
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=30)
+        for p in alive:
+            p.kill()
 
 
 def single_stream(server: Server, prompt: str, tokens: int) -> float:

@@ -83,7 +83,10 @@ class DataSettings(TrainingSettings):
         "file or a saved datasets dir (builtin:prose: plain text). Used instead of `task`.",
     )
     n_train: int | None = Field(
-        default=None, gt=0, description="Use the first N examples (per task) only."
+        default=None,
+        gt=0,
+        description="Use the first N examples (per task) only. Default: all of them, or with "
+        "`max_steps` set, as many as those steps use (built-in tasks).",
     )
 
     _known_tasks = field_validator("task")(validate_task_names)
@@ -93,6 +96,18 @@ class DataSettings(TrainingSettings):
         if (self.task is None) == (self.dataset is None):
             raise ValueError("give exactly one of `task` (built-in) or `dataset` (local file)")
         return self
+
+
+def task_examples(s: DataSettings) -> int | None:
+    """How many examples of a built-in task to prepare: ``n_train``, else with ``max_steps``
+    set as many as those steps consume, else all. TRL tokenizes the whole dataset up front;
+    for the 20,000-example task splits that was 11 s of a 15-step SFT's 16 s (measured)."""
+    import os
+
+    if s.n_train is not None or s.max_steps <= 0:
+        return s.n_train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return s.max_steps * s.per_device_train_batch_size * s.gradient_accumulation_steps * world
 
 
 def single_input(

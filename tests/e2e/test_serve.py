@@ -73,8 +73,21 @@ class Server:
         return Path(self.log.name).read_text()[-4000:]
 
     def stop(self) -> None:
+        """Kill the server and its workers: BentoML's workers leave the process group."""
+        import psutil
+
+        try:
+            procs = [psutil.Process(self.proc.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
