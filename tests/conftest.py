@@ -61,6 +61,11 @@ def shared(tmp_path_factory, name: str, build):
         return build(out)
 
 
+# The shared SFT models train on the whole task split, as when the tests downstream (GRPO, DPO,
+# RLAIF, distillation) were calibrated; a capped run otherwise takes only the examples it uses.
+ALL_DATA = {"n_train": 20_000}
+
+
 @pytest.fixture(scope="session")
 def warm_sft(base_ckpt, tmp_path_factory):
     """A 120-step SFT on add: the answer format learned, ~20% exact match; the start for the
@@ -71,7 +76,7 @@ def warm_sft(base_ckpt, tmp_path_factory):
     return shared(
         tmp_path_factory,
         "warm_sft",
-        lambda out: sft([base_ckpt], SFTSettings(task="add", max_steps=120), out),
+        lambda out: sft([base_ckpt], SFTSettings(task="add", max_steps=120, **ALL_DATA), out),
     )
 
 
@@ -85,7 +90,7 @@ def add_sft(base_ckpt, tmp_path_factory):
     from align.sft import SFTSettings
     from align.sft import run as sft
 
-    settings = SFTSettings(task="add", max_steps=ADD_SFT_STEPS, logging_steps=10)
+    settings = SFTSettings(task="add", max_steps=ADD_SFT_STEPS, logging_steps=10, **ALL_DATA)
     return shared(tmp_path_factory, "add_sft", lambda out: sft([base_ckpt], settings, out))
 
 

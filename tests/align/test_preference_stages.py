@@ -10,6 +10,7 @@ from align.sft import run as sft
 from polm.evaluate import completion_logprobs, evaluate_checkpoint
 from polm.loading import load_model
 from polm.preference import preference_pairs
+from tests.conftest import ALL_DATA
 
 HELD_OUT = preference_pairs("add", "test", 500)
 
@@ -18,7 +19,9 @@ HELD_OUT = preference_pairs("add", "test", 500)
 def weak_sft(base_ckpt, tmp_path_factory):
     """An SFT start that knows the answer format but often prefers the wrong answer."""
     return sft(
-        [base_ckpt], SFTSettings(task="add", max_steps=40), tmp_path_factory.mktemp("pref") / "sft"
+        [base_ckpt],
+        SFTSettings(task="add", max_steps=40, **ALL_DATA),
+        tmp_path_factory.mktemp("pref") / "sft",
     )
 
 
