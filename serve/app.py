@@ -55,18 +55,21 @@ GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 # ---- errors ----------------------------------------------------------------------------
 
 
-def error_response(exc: Exception) -> JSONResponse:
-    """The one mapping from exceptions to OpenAI-shaped error responses."""
+def to_api_error(exc: Exception) -> APIError:
+    """The one mapping from exceptions to the errors clients see."""
     if isinstance(exc, APIError):
-        err = exc
-    elif isinstance(exc, ValidationError):
-        err = validation_error(exc)
-    elif isinstance(exc, HTTPException):
+        return exc
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    if isinstance(exc, HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        err = APIError(exc.status_code, str(exc.detail), type=kind)
-    else:
-        log.exception("internal error")
-        err = APIError(500, "internal server error", type="server_error")
+        return APIError(exc.status_code, str(exc.detail), type=kind)
+    log.exception("internal error")
+    return APIError(500, "internal server error", type="server_error")
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    err = to_api_error(exc)
     return JSONResponse(err.body(), status_code=err.status)
 
 
@@ -273,16 +276,12 @@ def _sse(events) -> StreamingResponse:
             async for event in events:
                 yield f"data: {json.dumps(event)}\n\n"
         except Exception as e:  # the status line is sent: report the error in the stream
-            yield f"data: {json.dumps(_error_body(e))}\n\n"
+            yield f"data: {json.dumps(to_api_error(e).body())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(
         body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
-
-
-def _error_body(e: Exception) -> dict:
-    return json.loads(error_response(e).body)
 
 
 async def _chat_chunks(state, rid, ids, params, usage: bool):

@@ -14,7 +14,6 @@ renamed into place when complete, like a checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tarfile
@@ -22,8 +21,10 @@ import uuid
 from importlib.metadata import version
 from pathlib import Path
 
-from polm.checkpoint import MANIFEST, Checkpoint, lineage
+from polm.checkpoint import MANIFEST, Checkpoint
 from polm.errors import PolmError
+from serve.edge_runner import sha256
+from serve.state import lineage_records
 
 RUNNER = Path(__file__).with_name("edge_runner.py")
 
@@ -56,7 +57,7 @@ def package_edge(ckpt: Checkpoint | str, out: str | Path, tar: bool = False) -> 
                 shutil.copy2(f, tmp / "model" / f.name)
         manifest = ckpt.manifest.model_dump(mode="json")
         manifest["served_model_name"] = ckpt.path.name
-        manifest["lineage"] = [_node(d, n) for d, n in lineage(ckpt)]
+        manifest["lineage"] = lineage_records(ckpt, full=True)
         (tmp / "polm.json").write_text(json.dumps(manifest, indent=2))
         shutil.copy2(RUNNER, tmp / "polm_edge.py")
         (tmp / "requirements.txt").write_text(
@@ -65,7 +66,7 @@ def package_edge(ckpt: Checkpoint | str, out: str | Path, tar: bool = False) -> 
         precision = ckpt.manifest.settings.get("precision", "?")
         (tmp / "README.txt").write_text(README.format(name=ckpt.path.name, precision=precision))
         (tmp / "SHA256SUMS").write_text(
-            "".join(f"{_sha256(f)}  {f.relative_to(tmp)}\n" for f in _files(tmp))
+            "".join(f"{sha256(f)}  {f.relative_to(tmp)}\n" for f in _files(tmp))
         )
         if out.exists():
             shutil.rmtree(out)
@@ -83,36 +84,6 @@ def package_edge(ckpt: Checkpoint | str, out: str | Path, tar: bool = False) -> 
 
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _node(depth: int, node) -> dict:
-    if isinstance(node, Checkpoint):
-        m = node.manifest
-        return {
-            "depth": depth,
-            "name": node.path.name,
-            "stage": m.stage,
-            "format": m.format,
-            "content_hash": m.content_hash,
-            "settings": m.settings,
-            "metrics": m.metrics,
-            "versions": m.versions,
-        }
-    return {
-        "depth": depth,
-        "name": Path(node.path).name,
-        "stage": node.stage,
-        "content_hash": node.content_hash,
-        "missing": True,
-    }
 
 
 def check_package(root: str | Path) -> int:

@@ -37,6 +37,14 @@ class ChecksumError(Exception):
     pass
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def verify(root: Path = HERE) -> int:
     """Check every file listed in SHA256SUMS; return how many were checked."""
     sums = root / "SHA256SUMS"
@@ -50,11 +58,7 @@ def verify(root: Path = HERE) -> int:
         f = root / name
         if not f.is_file():
             raise ChecksumError(f"checksum failed: {name} is missing")
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != digest:
+        if sha256(f) != digest:
             raise ChecksumError(f"checksum failed: {name} does not match SHA256SUMS")
     present = {
         str(p.relative_to(root))

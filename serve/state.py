@@ -36,7 +36,7 @@ def load_state(
     """Open the checkpoint, load it on its backend, warm it up, then mark ``state`` ready; on
     failure record why (the routes answer 503 with it, the log has the traceback)."""
     try:
-        from polm.checkpoint import Checkpoint, lineage
+        from polm.checkpoint import Checkpoint
         from serve.backends import GenParams, open_backend
 
         ckpt = Checkpoint.open(model or default_model())
@@ -46,7 +46,7 @@ def load_state(
             "format": ckpt.format,
             "backend": engine.name,
             "stage": ckpt.stage,
-            "lineage": [_node(depth, node) for depth, node in lineage(ckpt)],
+            "lineage": lineage_records(ckpt),
         }
         state.model_id = served_model_name or ckpt.path.name
         state.backend = engine
@@ -69,19 +69,40 @@ def _warm_up(backend, params) -> None:
     asyncio.run(go())
 
 
-def _node(depth: int, node) -> dict:
-    from polm.checkpoint import Checkpoint
+def lineage_records(ckpt, full: bool = False) -> list[dict]:
+    """A checkpoint's lineage as JSON-ready records, newest first: short (name, stage, format,
+    hash prefix, evaluations) for the model card, or ``full`` (whole hash, settings, metrics,
+    versions) for an edge package, whose parents stay behind."""
+    from polm.checkpoint import Checkpoint, lineage
 
-    m = node.manifest if isinstance(node, Checkpoint) else node
-    out = {"depth": depth, "stage": m.stage, "content_hash": m.content_hash[:12]}
-    if isinstance(node, Checkpoint):
-        out["name"] = node.path.name
-        out["format"] = m.format
-        out["metrics"] = {k: v for k, v in m.metrics.items() if k.startswith("eval.")}
+    out = []
+    for depth, node in lineage(ckpt):
+        if not isinstance(node, Checkpoint):  # a parent no longer on disk: the child's record
+            out.append(
+                {
+                    "depth": depth,
+                    "name": Path(node.path).name,
+                    "stage": node.stage,
+                    "content_hash": node.content_hash,
+                    "missing": True,
+                }
+            )
+            continue
+        m = node.manifest
+        rec = {
+            "depth": depth,
+            "name": node.path.name,
+            "stage": m.stage,
+            "format": m.format,
+            "content_hash": m.content_hash if full else m.content_hash[:12],
+        }
+        if full:
+            rec.update(settings=m.settings, metrics=m.metrics, versions=m.versions)
+        else:
+            rec["metrics"] = {k: v for k, v in m.metrics.items() if k.startswith("eval.")}
         if m.stage == "import":
-            out["source"] = m.settings.get("source")
-    else:
-        out["name"] = Path(m.path).name
+            rec["source"] = m.settings.get("source")
+        out.append(rec)
     return out
 
 
