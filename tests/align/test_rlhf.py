@@ -17,7 +17,9 @@ from polm.evaluate import evaluate_checkpoint
 def rm(warm_sft, tmp_path_factory):
     return reward(
         [warm_sft],
-        RewardSettings(task="add", max_steps=400, learning_rate=1e-3, logging_steps=100),
+        # 200 steps, measured: pairwise 0.765 on 200 held-out pairs (100 steps: 0.685); PPO
+        # against it moved the held-out reward 0.70 -> 0.93 at KL 1.2
+        RewardSettings(task="add", max_steps=200, learning_rate=1e-3, logging_steps=100),
         tmp_path_factory.mktemp("rm") / "rm",
     )
 
