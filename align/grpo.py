@@ -35,6 +35,7 @@ STAGE = "align.grpo"
 FORMATS = {
     "add": re.compile(r"^(\d\+\d\+[01]=\d\d ){2}\d\+\d\+[01]=\d\d => \d+$"),
     "reverse": re.compile(r"^[a-z]+$"),
+    "compare": re.compile(r"^(more|less|same)$"),
 }
 
 

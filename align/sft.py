@@ -17,12 +17,14 @@ Runs on CPU (``use_cpu``) or GPU, in one process or N (``--nproc``, DDP through 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from polm.checkpoint import Checkpoint
+from polm.tasks import validate_task_names
 from polm.training import (
     DataSettings,
     save_trained,
@@ -34,6 +36,8 @@ from polm.training import (
 )
 
 STAGE = "align.sft"
+SELF = "self:"  # replay source: the input model's own answers to a built-in task's prompts
+log = logging.getLogger("polm")
 
 
 class SFTSettings(DataSettings):
@@ -54,16 +58,28 @@ class SFTSettings(DataSettings):
         default="all-linear", description="Modules LoRA adapts."
     )
     num_virtual_tokens: int = Field(default=16, gt=0, description="Prefix/prompt length.")
-    replay: str | None = Field(
+    replay: str | list[str] | None = Field(
         default=None,
-        description="Rehearsal data mixed into the training data (same format): "
-        "builtin:pretraining (the chats builtin:tiny-base was pretrained on) or a local file. "
-        "Keeps the model's other skills, and its task vector mergeable.",
+        description="Rehearsal data mixed into the training data (same format), one source or "
+        "several sharing the replay equally: builtin:pretraining (the chats builtin:tiny-base "
+        "was pretrained on), a local file, or self:TASK (the input model's own greedy answers "
+        "to a built-in task's training prompts: holds the model to what it did on inputs the "
+        "task data lacks, like DreamBooth's prior preservation). Keeps the model's other "
+        "skills, and its task vector mergeable.",
     )
     replay_fraction: float = Field(
         default=0.25, gt=0, lt=1, description="Share of the training examples taken from replay."
     )
     packing: bool = Field(default=False, description="Pack sequences into max_length blocks.")
+
+    @field_validator("replay")
+    @classmethod
+    def _known_replay_tasks(cls, value):
+        for source in [value] if isinstance(value, str) else value or []:
+            if source.startswith(SELF):
+                validate_task_names(source.removeprefix(SELF))
+        return value
+
     assistant_only_loss: bool = Field(
         default=True, description="Loss on assistant tokens only (chat data)."
     )
@@ -91,7 +107,9 @@ class SFTSettings(DataSettings):
 FORMATS = [{"messages"}, {"prompt", "completion"}, {"text"}]
 
 
-def build_dataset(s: SFTSettings):
+def build_dataset(s: SFTSettings, answer=None):
+    """The training data, with replay mixed in; ``answer(prompts) -> completions`` (the input
+    model's greedy answers) is needed for ``self:TASK`` replay sources."""
     from polm.data import check_columns, load_dataset_source, task_dataset
 
     if s.task is not None:
@@ -100,26 +118,58 @@ def build_dataset(s: SFTSettings):
     else:
         ds = load_dataset_source(s.dataset, s.n_train)
         check_columns(ds, s.dataset, FORMATS)
-    return with_replay(ds, s) if s.replay else ds
+    return with_replay(ds, s, answer) if s.replay else ds
 
 
-def with_replay(ds, s: SFTSettings):
-    """``ds`` with replay examples making up ``replay_fraction`` of the result, shuffled."""
+def with_replay(ds, s: SFTSettings, answer=None):
+    """``ds`` with replay examples making up ``replay_fraction`` of the result, shuffled; with
+    several sources, each gives an equal share (the first ones one more when it does not
+    divide)."""
     from datasets import concatenate_datasets
 
     from polm.data import load_dataset_source
     from polm.errors import PolmError
 
     n = max(1, round(len(ds) * s.replay_fraction / (1 - s.replay_fraction)))
-    replay = load_dataset_source(s.replay, n)
+    sources = [s.replay] if isinstance(s.replay, str) else list(s.replay)
     want = next(f for f in FORMATS if f <= set(ds.column_names))
-    if not want <= set(replay.column_names):
-        raise PolmError(
-            f"{STAGE}: replay {s.replay} has columns {sorted(replay.column_names)}; the "
-            f"training data is {'+'.join(sorted(want))}, and replay must be the same format."
-        )
-    parts = [d.select_columns(sorted(want)) for d in (ds, replay)]
+    parts = [ds.select_columns(sorted(want))]
+    for i, source in enumerate(sources):
+        share = n // len(sources) + (i < n % len(sources))
+        if source.startswith(SELF):
+            replay = own_answers(source.removeprefix(SELF), share, want, answer)
+        else:
+            replay = load_dataset_source(source, share)
+        if not want <= set(replay.column_names):
+            raise PolmError(
+                f"{STAGE}: replay {source} has columns {sorted(replay.column_names)}; the "
+                f"training data is {'+'.join(sorted(want))}, and replay must be the same format."
+            )
+        parts.append(replay.select_columns(sorted(want)))
     return concatenate_datasets(parts).shuffle(seed=s.seed)
+
+
+def own_answers(task: str, n: int, want: set[str], answer):
+    """The first ``n`` training prompts of ``task`` with the input model's greedy answers, in
+    the training data's format (chat messages or prompt/completion)."""
+    import datasets
+
+    from polm.errors import PolmError
+    from polm.tasks import get_task
+
+    if want == {"text"} or answer is None:
+        raise PolmError(
+            f"{STAGE}: replay {SELF}{task} needs chat training data and the input model; "
+            "plain-text training has no prompts to answer."
+        )
+    prompts = [e.prompt for e in get_task(task).examples("train", n)]
+    log.info("replay %s%s: answering %d prompts with the input model", SELF, task, len(prompts))
+    completions = [c.strip() for c in answer(prompts)]
+    user = [[{"role": "user", "content": p}] for p in prompts]
+    reply = [[{"role": "assistant", "content": c}] for c in completions]
+    if want == {"messages"}:
+        return datasets.Dataset.from_dict({"messages": [u + r for u, r in zip(user, reply)]})
+    return datasets.Dataset.from_dict({"prompt": user, "completion": reply})
 
 
 def peft_config(s: SFTSettings):
@@ -144,6 +194,18 @@ def peft_config(s: SFTSettings):
     return None
 
 
+def _greedy_answers(ckpt: Checkpoint, prompts: list[str]) -> list[str]:
+    import torch
+
+    from polm.evaluate import greedy_generate
+    from polm.loading import load_model
+
+    model, tokenizer = load_model(ckpt)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return greedy_generate(model, tokenizer, prompts)
+
+
 def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoint | None:
     import torch
     from trl import SFTConfig, SFTTrainer
@@ -152,7 +214,7 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
 
     base = single_input(inputs, STAGE, "hf")
     s = settings
-    dataset = build_dataset(s)
+    dataset = build_dataset(s, answer=lambda prompts: _greedy_answers(base, prompts))
     chat = "messages" in dataset.column_names
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(base)

@@ -62,6 +62,8 @@ def rejected_answer(task: str, ex: Example, rng: random.Random) -> str:
             if bad != good:
                 return bad
         return good[1:] + good[0] if good[1:] + good[0] != good else good + good[0]
+    if task == "compare":
+        return rng.choice([w for w in ("more", "less", "same") if w != ex.target])
     raise ValueError(f"no preference pairs for task {task!r}")
 
 

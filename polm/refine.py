@@ -10,7 +10,8 @@ Critics exist for the built-in tasks:
 
 - ``add``: every scratchpad step ``x+y+c=s`` must use the operands' digits and the carry of the
   step before, with the right two-digit sum; then ``=> total`` must be the sum;
-- ``reverse``: the answer is checked letter by letter against the reversed word.
+- ``reverse``: the answer is checked letter by letter against the reversed word;
+- ``compare``: the one-word answer is checked against the comparison.
 
 ``polm eval --self-refine N`` reports accuracy before and after refinement and how many answers
 were revised; ``align.rlaif`` can use it to improve the answers it labels.
@@ -66,7 +67,14 @@ def _critique_reverse(ex: Example, answer: str) -> Critique | None:
     return Critique(f"letter {i + 1} should be {right[i]!r}.", right[: i + 1], i + 1 == len(right))
 
 
-CRITICS = {"add": _critique_add, "reverse": _critique_reverse}
+def _critique_compare(ex: Example, answer: str) -> Critique | None:
+    if answer.strip() == ex.target:
+        return None
+    a, b = ex.prompt.split()[1:]
+    return Critique(f"{a} is {ex.target} than {b}, not {answer.strip()!r}.", ex.target, True)
+
+
+CRITICS = {"add": _critique_add, "reverse": _critique_reverse, "compare": _critique_compare}
 
 
 def critique(task: str, ex: Example, answer: str) -> Critique | None:

@@ -15,6 +15,10 @@ Natural-format multi-digit addition is slow for small transformers to learn and 
 operands of different lengths; a scratchpad makes every step local (Nye et al., "Show Your
 Work", arXiv 2112.00114). The scorer checks only the final answer after ``=>``, as GSM8K
 scorers check the text after ``####``.
+
+``reverse`` reverses a lowercase word (the base model is pretrained on it); ``compare`` says
+whether the first of two numbers is ``more``, ``less`` or the ``same`` as the second (the base
+model never saw it: with ``add``, a pair of skills the base lacks, for merging experts).
 """
 
 from __future__ import annotations
@@ -96,6 +100,15 @@ def _sample_reverse(rng: random.Random) -> Example:
     return Example(prompt=f"reverse {word}", answer=word[::-1], target=word[::-1])
 
 
+# --- compare -------------------------------------------------------------------------------
+
+
+def _sample_compare(rng: random.Random) -> Example:
+    a, b = _number(rng, ADD_DIGITS), _number(rng, ADD_DIGITS)
+    word = "more" if a > b else "less" if a < b else "same"
+    return Example(prompt=f"compare {a} {b}", answer=word, target=word)
+
+
 TASKS: dict[str, Task] = {
     "add": Task(
         "add",
@@ -105,6 +118,12 @@ TASKS: dict[str, Task] = {
     ),
     "reverse": Task(
         "reverse", "reverse a lowercase word of 3-8 letters", _sample_reverse, str.strip
+    ),
+    "compare": Task(
+        "compare",
+        "is the first number more than, less than or the same as the second (up to 3 digits)",
+        _sample_compare,
+        str.strip,
     ),
 }
 

@@ -227,6 +227,29 @@ def test_replay_mixes_the_share_asked_for_in_the_same_format():
         build_dataset(SFTSettings(task="add", n_train=10, replay="builtin:prose"))
 
 
+def test_self_replay_holds_the_model_to_its_own_answers_on_another_task(base_ckpt):
+    from pydantic import ValidationError
+
+    from align.sft import _greedy_answers, build_dataset
+    from polm.tasks import get_task
+
+    settings = SFTSettings(
+        task="compare", n_train=30, replay=["builtin:pretraining", "self:add"], seed=1
+    )
+    ds = build_dataset(settings, answer=lambda prompts: _greedy_answers(base_ckpt, prompts))
+    chats = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in ds}
+    assert len(ds) == 40  # 30 task examples, a quarter replay split between the two sources
+    own = [e.prompt for e in get_task("add").examples("train", 5)]
+    assert set(own) <= set(chats)
+    base_answers = [a.strip() for a in _greedy_answers(base_ckpt, own)]
+    assert [chats[p] for p in own] == base_answers  # the base's answers, right or wrong
+    assert sum(p.startswith(("reverse", "pad")) for p in chats) == 5
+    with pytest.raises(ValidationError, match="unknown task 'nope'"):
+        SFTSettings(task="add", replay="self:nope")
+    with pytest.raises(PolmError, match="needs chat training data and the input model"):
+        build_dataset(SFTSettings(task="add", n_train=4, replay="self:compare"))
+
+
 @pytest.mark.slow
 def test_replay_keeps_the_skill_the_task_data_would_override(full_sft, base_ckpt, tmp_path):
     """Trained on add alone the model answers `reverse abc` with a scratchpad; with a quarter of

@@ -18,6 +18,16 @@ def test_add_scratchpad_is_correct_for_every_test_example():
     assert add_scratchpad(57, 468) == "7+8+0=15 5+6+1=12 0+4+1=05 => 525"
 
 
+def test_compare_answers_are_right_and_cover_all_three_words():
+    task = get_task("compare")
+    words = set()
+    for ex in task.examples("train")[:5000] + task.examples("test"):
+        a, b = map(int, ex.prompt.split()[1:])
+        assert ex.target == ("more" if a > b else "less" if a < b else "same")
+        words.add(ex.target)
+    assert words == {"more", "less", "same"}
+
+
 def test_scorer_rejects_wrong_answers():
     task = get_task("add")
     ex = task.examples("test", 1)[0]
