@@ -103,6 +103,7 @@ def run_recipe(
     root = Path(workdir) if workdir else Path("runs") / recipe.name
     results: list[StageResult] = []
     ckpts: dict[str, Checkpoint] = {}
+    inputs_of: dict[str, dict[str, Checkpoint]] = {}
 
     def finish(sid: str, uses: str, out: Path, ihash: str, make) -> None:
         done = finished(out, ihash)
@@ -128,6 +129,8 @@ def run_recipe(
         with console.status(f"evaluating {sid} on {', '.join(recipe.eval) or 'perplexity'}"):
             metrics = evaluate_checkpoint(ckpt, recipe.eval, n=eval_n)
         metrics["wall_s"] = round(wall, 2)
+        if uses.startswith("merge.") and len(inputs_of.get(sid, [])) > 1:
+            metrics.update(merge_comparison(metrics, inputs_of[sid], recipe.eval))
         ckpt.update_metrics(metrics, input_hash=ihash)
         results.append(StageResult(sid, uses, "ran", wall, ckpt, ckpt.manifest.metrics))
         ckpts[sid] = ckpt
@@ -145,6 +148,7 @@ def run_recipe(
         for sid in recipe.order():
             spec, settings = recipe.stages[sid], recipe.settings[sid]
             inputs = [ckpts[s] for s in spec.from_]
+            inputs_of[sid] = dict(zip(spec.from_, inputs))
             ihash = input_hash(spec.uses, settings.model_dump(mode="json"), inputs)
             finish(
                 sid,
@@ -156,8 +160,56 @@ def run_recipe(
                 ),
             )
         write_report(recipe, root, results)
-    result_console().print(summary_table(recipe.name, results, recipe.eval))
+    out = result_console()
+    out.print(summary_table(recipe.name, results, recipe.eval))
+    for line in merge_summary(results, recipe.eval):
+        out.print(line)
     return results
+
+
+def merge_comparison(metrics: dict, inputs: dict[str, Checkpoint], tasks: list[str]) -> dict:
+    """A merge beside what it was made from, per task: each input's accuracy, the base's (the
+    input the others descend from, or their shared ancestor), the share of the best input's
+    accuracy the merge keeps (``merge.of_best.<task>``) and the share of its gain over the
+    base (``merge.gain_kept.<task>``), the measures of model soups and multi-task merges."""
+    from merge.mergekit import shared_ancestor
+
+    base = shared_ancestor(list(inputs.values()))
+    experts = {sid: c for sid, c in inputs.items() if base is None or c.path != base.path}
+    out: dict = {}
+    for task in tasks:
+        key = f"eval.{task}.accuracy"
+        merged = metrics.get(key)
+        accs = {sid: c.manifest.metrics.get(key) for sid, c in experts.items()}
+        if merged is None or not accs or None in accs.values():
+            continue
+        for sid, acc in accs.items():
+            out[f"merge.input.{sid}.{task}.accuracy"] = acc
+        best = max(accs.values())
+        if best > 0:
+            out[f"merge.of_best.{task}"] = round(merged / best, 4)
+        start = base.manifest.metrics.get(key) if base is not None else None
+        if start is not None:
+            out[f"merge.base.{task}.accuracy"] = start
+            if best > start:
+                out[f"merge.gain_kept.{task}"] = round((merged - start) / (best - start), 4)
+    return out
+
+
+def merge_summary(results, tasks: list[str]) -> list[str]:
+    """One line per merge: how much of its inputs' gains (or, without a base, of the best
+    input's accuracy) it keeps on each task."""
+    lines = []
+    for r in results:
+        parts = []
+        for task in tasks:
+            if (kept := r.metrics.get(f"merge.gain_kept.{task}")) is not None:
+                parts.append(f"{kept:.1%} of the {task} gain")
+            elif (kept := r.metrics.get(f"merge.of_best.{task}")) is not None:
+                parts.append(f"{kept:.1%} of the best {task} input")
+        if parts:
+            lines.append(f"{r.id} keeps " + ", ".join(parts))
+    return lines
 
 
 def result_console():

@@ -166,7 +166,21 @@ def test_merge_recipes_run_end_to_end(name, tmp_path):
         assert want <= set(row["metrics"]), row["id"]
     merges = [(sid, s) for sid, s in raw["stages"].items() if s["uses"].startswith("merge.")]
     assert merges
+    rows = {row["id"]: row["metrics"] for row in report["stages"]}
     for sid, stage in merges:
         parents = {p.path for p in Checkpoint.open(work / sid).manifest.parents}
         named = {str(work / "models" / f) if f == "base" else str(work / f) for f in stage["from"]}
         assert parents == named, sid
+        # the merge beside its inputs and their base, in its manifest and the report
+        m, experts = rows[sid], [f for f in stage["from"] if f != "base"]
+        for task in raw["eval"]:
+            key = f"eval.{task}.accuracy"
+            for f in experts:
+                assert m[f"merge.input.{f}.{task}.accuracy"] == rows[f][key], (sid, f)
+            assert m[f"merge.base.{task}.accuracy"] == rows["base"][key], sid
+            best, start = max(rows[f][key] for f in experts), rows["base"][key]
+            if best > start:
+                kept = (m[key] - start) / (best - start)
+                assert m[f"merge.gain_kept.{task}"] == pytest.approx(kept, abs=1e-4), sid
+            else:
+                assert f"merge.gain_kept.{task}" not in m, sid

@@ -151,3 +151,26 @@ def test_wrong_inputs_are_refused_before_loading(base_ckpt, experts, tmp_path):
     assert r.returncode != 0 and "not a polm checkpoint" in r.stderr
     assert "Traceback" not in r.stderr
     assert json.loads((add.path / "polm.json").read_text())["stage"] == "align.sft"
+
+
+def test_a_merge_is_recorded_beside_its_inputs_and_their_base(base_ckpt, experts, tmp_path):
+    """What `polm run` adds to a merge's manifest: each input's and the base's accuracy, the
+    share of the best input it keeps and the share of the gain over the base."""
+    import shutil
+
+    from polm.runner import merge_comparison
+
+    given = (("base", base_ckpt, 0.1), ("add", experts[0], 0.9), ("rev", experts[1], 0.3))
+    inputs = {}
+    for name, ckpt, acc in given:
+        shutil.copytree(ckpt.path, tmp_path / name)
+        inputs[name] = Checkpoint.open(tmp_path / name)
+        inputs[name].update_metrics({"eval.add.accuracy": acc})
+    got = merge_comparison({"eval.add.accuracy": 0.7}, inputs, ["add", "reverse"])
+    assert got == {
+        "merge.input.add.add.accuracy": 0.9,
+        "merge.input.rev.add.accuracy": 0.3,
+        "merge.of_best.add": round(0.7 / 0.9, 4),
+        "merge.base.add.accuracy": 0.1,
+        "merge.gain_kept.add": 0.75,  # (0.7 - 0.1) / (0.9 - 0.1); reverse was not measured
+    }
