@@ -72,6 +72,10 @@ class SFTSettings(DataSettings):
     )
     packing: bool = Field(default=False, description="Pack sequences into max_length blocks.")
 
+    assistant_only_loss: bool = Field(
+        default=True, description="Loss on assistant tokens only (chat data)."
+    )
+
     @field_validator("replay")
     @classmethod
     def _known_replay_tasks(cls, value):
@@ -79,10 +83,6 @@ class SFTSettings(DataSettings):
             if source.startswith(SELF):
                 validate_task_names(source.removeprefix(SELF))
         return value
-
-    assistant_only_loss: bool = Field(
-        default=True, description="Loss on assistant tokens only (chat data)."
-    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -194,15 +194,13 @@ def peft_config(s: SFTSettings):
     return None
 
 
-def _greedy_answers(ckpt: Checkpoint, prompts: list[str]) -> list[str]:
+def _greedy_answers(model, tokenizer, prompts: list[str]) -> list[str]:
     import torch
 
     from polm.evaluate import greedy_generate
-    from polm.loading import load_model
 
-    model, tokenizer = load_model(ckpt)
     if torch.cuda.is_available():
-        model = model.cuda()
+        model.cuda()  # where the trainer puts it anyway
     return greedy_generate(model, tokenizer, prompts)
 
 
@@ -214,10 +212,10 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
 
     base = single_input(inputs, STAGE, "hf")
     s = settings
-    dataset = build_dataset(s, answer=lambda prompts: _greedy_answers(base, prompts))
-    chat = "messages" in dataset.column_names
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(base)
+    dataset = build_dataset(s, answer=lambda prompts: _greedy_answers(model, tokenizer, prompts))
+    chat = "messages" in dataset.column_names
     args = SFTConfig(
         **trainer_args(s, scratch_dir(out, s, [base])),
         packing=s.packing,

@@ -103,9 +103,9 @@ def run_recipe(
     root = Path(workdir) if workdir else Path("runs") / recipe.name
     results: list[StageResult] = []
     ckpts: dict[str, Checkpoint] = {}
-    inputs_of: dict[str, dict[str, Checkpoint]] = {}
 
-    def finish(sid: str, uses: str, out: Path, ihash: str, make) -> None:
+    def finish(sid: str, uses: str, out: Path, ihash: str, make, inputs=None) -> None:
+        """``inputs``: the stage's inputs by recipe name (a merge is compared with them)."""
         done = finished(out, ihash)
         if done is not None:
             console.print(f"[dim]= {sid}: unchanged, skipped ({out})[/dim]")
@@ -129,8 +129,8 @@ def run_recipe(
         with console.status(f"evaluating {sid} on {', '.join(recipe.eval) or 'perplexity'}"):
             metrics = evaluate_checkpoint(ckpt, recipe.eval, n=eval_n)
         metrics["wall_s"] = round(wall, 2)
-        if uses.startswith("merge.") and len(inputs_of.get(sid, [])) > 1:
-            metrics.update(merge_comparison(metrics, inputs_of[sid], recipe.eval))
+        if uses.startswith("merge.") and len(inputs or {}) > 1:
+            metrics.update(merge_comparison(metrics, inputs, recipe.eval))
         ckpt.update_metrics(metrics, input_hash=ihash)
         results.append(StageResult(sid, uses, "ran", wall, ckpt, ckpt.manifest.metrics))
         ckpts[sid] = ckpt
@@ -148,7 +148,6 @@ def run_recipe(
         for sid in recipe.order():
             spec, settings = recipe.stages[sid], recipe.settings[sid]
             inputs = [ckpts[s] for s in spec.from_]
-            inputs_of[sid] = dict(zip(spec.from_, inputs))
             ihash = input_hash(spec.uses, settings.model_dump(mode="json"), inputs)
             finish(
                 sid,
@@ -158,6 +157,7 @@ def run_recipe(
                 lambda sp=spec, st=settings, i=inputs, s=sid: run_stage(
                     sp.uses, i, st, root / s, sp.nproc
                 ),
+                dict(zip(spec.from_, inputs)),
             )
         write_report(recipe, root, results)
     out = result_console()

@@ -236,12 +236,14 @@ def test_self_replay_holds_the_model_to_its_own_answers_on_another_task(base_ckp
     settings = SFTSettings(
         task="compare", n_train=30, replay=["builtin:pretraining", "self:add"], seed=1
     )
-    ds = build_dataset(settings, answer=lambda prompts: _greedy_answers(base_ckpt, prompts))
+    model, tokenizer = load_model(base_ckpt)
+    answer = lambda prompts: _greedy_answers(model, tokenizer, prompts)  # noqa: E731
+    ds = build_dataset(settings, answer=answer)
     chats = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in ds}
     assert len(ds) == 40  # 30 task examples, a quarter replay split between the two sources
     own = [e.prompt for e in get_task("add").examples("train", 5)]
     assert set(own) <= set(chats)
-    base_answers = [a.strip() for a in _greedy_answers(base_ckpt, own)]
+    base_answers = [a.strip() for a in answer(own)]
     assert [chats[p] for p in own] == base_answers  # the base's answers, right or wrong
     assert sum(p.startswith(("reverse", "pad")) for p in chats) == 5
     with pytest.raises(ValidationError, match="unknown task 'nope'"):
