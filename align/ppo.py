@@ -42,6 +42,7 @@ from pydantic import AliasChoices, Field, model_validator
 
 from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
+from polm.precision import Bf16
 from polm.training import TRAIN_LOG, DataSettings, require_policy
 
 STAGE = "align.ppo"
@@ -64,10 +65,11 @@ class PPOSettings(DataSettings):
     learning_rate: float = Field(default=3e-5, gt=0, description="Peak learning rate.")
     lr_scheduler_type: str = Field(default="constant", description="transformers scheduler name.")
     warmup_steps: float = Field(default=0.0, ge=0, description="Warm-up steps or fraction.")
-    bf16: bool = Field(
+    bf16: Bf16 = Field(
         default=False,
-        description="bf16 autocast. Off by default: PPO's probability ratios compare two "
-        "forward passes, and bf16 rounding alone moves them.",
+        description="bf16 autocast (true, false or auto). Off by default on every machine: "
+        "PPO's probability ratios compare two forward passes, and bf16 rounding alone moves "
+        "them.",
     )
     response_length: int = Field(
         default=48,

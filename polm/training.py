@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from polm.checkpoint import Checkpoint, staging
+from polm.precision import Bf16, resolve_bf16
 from polm.settings import StageSettings
 from polm.tasks import validate_task_names
 
@@ -48,10 +49,12 @@ class TrainingSettings(StageSettings):
     )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     max_length: int = Field(default=256, gt=0, description="Truncate sequences to this length.")
-    bf16: bool = Field(
-        default=True,
-        description="bf16 autocast (about 1.5-2x faster on CPUs with bf16 support; weights "
-        "stay fp32).",
+    bf16: Bf16 = Field(
+        default="auto",
+        validate_default=True,
+        description="bf16 autocast, weights stay fp32. auto (recorded as the value it "
+        "resolved to): on where the hardware computes bf16 natively (AMX / AVX512_BF16 CPUs, "
+        "bf16 GPUs), off elsewhere, where emulated bf16 was 17x slower than fp32 (measured).",
     )
     gradient_checkpointing: bool = Field(
         default=False,
@@ -68,6 +71,8 @@ class TrainingSettings(StageSettings):
         "resumes from the last one and gives the same losses as an uninterrupted run.",
     )
     seed: int = Field(default=0, description="Seed for init, shuffling and dropout.")
+
+    _bf16 = field_validator("bf16")(resolve_bf16)
 
 
 class DataSettings(TrainingSettings):

@@ -37,9 +37,14 @@ def pretrain(
     threads: int = 2,
     arch: str = "llama",
     log_every: int = 100,
+    bf16: bool | str = "auto",
     **config_kwargs,
 ):
     import torch
+
+    from polm.precision import resolve_bf16
+
+    bf16 = resolve_bf16(bf16)
 
     from polm.corpus import pretraining_documents
     from polm.models import tiny_config
@@ -67,8 +72,9 @@ def pretrain(
     t0 = time.time()
     for step in range(steps):
         batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]
-        # bf16 autocast: ~1.5-2x faster on these CPUs, weights and optimizer stay fp32
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        # bf16 autocast where the CPU computes it natively (polm.precision); weights and the
+        # optimizer stay fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -90,8 +96,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--bf16",
+        default="auto",
+        type=lambda v: v if v == "auto" else v.lower() in ("1", "true", "yes", "on"),
+        help="bf16 autocast: auto (where the CPU computes bf16 natively), true or false; the "
+        "shipped weights were made with bf16 on an AMX CPU",
+    )
     args = p.parse_args()
-    pretrain(args.out, steps=args.steps, seed=args.seed)
+    pretrain(args.out, steps=args.steps, seed=args.seed, bf16=args.bf16)
 
 
 if __name__ == "__main__":
