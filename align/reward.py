@@ -44,7 +44,7 @@ def run(inputs: list[Checkpoint], settings: RewardSettings, out: Path) -> Checkp
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from polm.importer import check_safetensors
+    from polm.checkpoint import check_safetensors
     from polm.loading import load_tokenizer
 
     base = single_input(inputs, STAGE, "hf", causal_lm=False)

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from polm.checkpoint import Checkpoint, lineage, staging
+from polm.checkpoint import Checkpoint, shared_ancestor, staging
 from polm.errors import PolmError
 from polm.settings import StageSettings, check_choice
 
@@ -142,23 +142,6 @@ def resolve(ref: str | int, inputs: list[Checkpoint], what: str, stage: str = ST
     if len(named) > 1:
         raise PolmError(f"{stage}: {what} {ref!r} names several inputs; give its path.")
     raise PolmError(f"{stage}: {what} {ref!r} is not one of the inputs ({names}).")
-
-
-def shared_ancestor(inputs: list[Checkpoint]) -> Checkpoint | None:
-    """The nearest checkpoint every input descends from (or is), found through the manifests;
-    None when the lineages do not meet on disk."""
-    chains = []
-    for c in inputs:
-        chain = {}
-        for depth, node in lineage(c):
-            if isinstance(node, Checkpoint):
-                chain.setdefault(node.manifest.content_hash, (depth, node))
-        chains.append(chain)
-    common = set(chains[0]).intersection(*chains[1:])
-    if not common:
-        return None
-    best = min(common, key=lambda h: (max(ch[h][0] for ch in chains), h))
-    return chains[0][best][1]
 
 
 def method_spec(name: str):

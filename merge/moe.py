@@ -43,8 +43,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from merge import mergekit
-from merge.mergekit import TOKENIZER_FILES, check_finite, shared_ancestor
-from polm.checkpoint import Checkpoint
+from merge.mergekit import TOKENIZER_FILES, check_finite
+from polm.checkpoint import Checkpoint, shared_ancestor
 from polm.errors import PolmError
 from polm.settings import StageSettings, check_choice
 from polm.tasks import get_task, validate_task_names

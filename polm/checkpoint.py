@@ -260,6 +260,22 @@ def tensor_specs(path: str | os.PathLike) -> dict[str, tuple[str, list[int]]]:
     return specs
 
 
+def check_safetensors(path: Path) -> None:
+    """Read every tensor header and check the data fits the file: corrupt files fail here."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for k in sf.keys():
+                    sf.get_slice(k).get_shape()
+        except Exception as e:  # safetensors raises several error types for bad files
+            raise PolmError(
+                f"{f} is not a valid safetensors file ({str(e).splitlines()[0]}); "
+                "the download or copy may be truncated."
+            ) from None
+
+
 def numel(shape: list[int]) -> int:
     n = 1
     for d in shape:
@@ -306,3 +322,20 @@ def lineage(ckpt: Checkpoint) -> list[tuple[int, Checkpoint | Parent]]:
 
     walk(ckpt, 0)
     return out
+
+
+def shared_ancestor(inputs: list[Checkpoint]) -> Checkpoint | None:
+    """The nearest checkpoint every input descends from (or is), found through the manifests;
+    None when the lineages do not meet on disk."""
+    chains = []
+    for c in inputs:
+        chain = {}
+        for depth, node in lineage(c):
+            if isinstance(node, Checkpoint):
+                chain.setdefault(node.manifest.content_hash, (depth, node))
+        chains.append(chain)
+    common = set(chains[0]).intersection(*chains[1:])
+    if not common:
+        return None
+    best = min(common, key=lambda h: (max(ch[h][0] for ch in chains), h))
+    return chains[0][best][1]

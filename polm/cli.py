@@ -188,22 +188,11 @@ def cmd_stage(a) -> None:
                 print(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
 
 
-def cmd_package_edge(a) -> None:
-    import tempfile
+def cmd_package(a) -> None:
+    from polm.registry import packager
 
-    from polm.checkpoint import Checkpoint
-    from polm.runner import run_stage
-    from polm.settings import parse_settings
-    from serve.edge import package_edge
-
-    ckpt = Checkpoint.open(a.ckpt)
-    with tempfile.TemporaryDirectory(prefix=".polm-edge-", dir=Path(a.out).parent) as tmp:
-        if ckpt.format != "onnx":  # export first: the package carries an int4 ONNX model
-            settings = parse_settings("optimize.onnx", {"precision": a.precision})
-            print(f"exporting {ckpt.path} to ONNX ({a.precision}) ...")
-            ckpt = run_stage("optimize.onnx", [ckpt], settings, Path(tmp) / ckpt.path.name)
-        out = package_edge(ckpt, a.out, tar=a.tar)
-    print(f"edge package -> {out}" + (f" (+ {out.name}.tar.gz)" if a.tar else ""))
+    out = packager(a.target)(a.ckpt, a.out, tar=a.tar, precision=a.precision)
+    print(f"{a.target} package -> {out}" + (f" (+ {out.name}.tar.gz)" if a.tar else ""))
 
 
 def cmd_serve(a) -> None:
@@ -289,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["int4", "int8", "fp32"],
         help="export precision when CKPT is not already onnx",
     )
-    s.set_defaults(fn=cmd_package_edge)
+    s.set_defaults(fn=cmd_package)
     s = sub.add_parser("report", help="print the summary table of a run directory")
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_report)

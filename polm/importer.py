@@ -12,7 +12,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from polm.checkpoint import Checkpoint, staging
+from polm.checkpoint import Checkpoint, check_safetensors, staging
 from polm.errors import PolmError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -94,22 +94,6 @@ def _import_builtin(name: str, out: Path, settings: dict) -> Checkpoint:
             model.save_pretrained(st.dir)
             tok.save_pretrained(st.dir)
         return st.commit(stage="import", format="hf", settings=settings)
-
-
-def check_safetensors(path: Path) -> None:
-    """Read every tensor header and check the data fits the file: corrupt files fail here."""
-    from safetensors import safe_open
-
-    for f in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(f, framework="pt") as sf:
-                for k in sf.keys():
-                    sf.get_slice(k).get_shape()
-        except Exception as e:  # safetensors raises several error types for bad files
-            raise PolmError(
-                f"{f} is not a valid safetensors file ({str(e).splitlines()[0]}); "
-                "the download or copy may be truncated."
-            ) from None
 
 
 def _import_hf_dir(path: Path, out: Path, settings: dict, allow_pickle: bool) -> Checkpoint:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from polm.checkpoint import Checkpoint
+from polm.checkpoint import Checkpoint, check_safetensors
 from polm.errors import PolmError
 
 
@@ -35,8 +35,6 @@ def load_tokenizer(path):
 def _load_hf(path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
-
-    from polm.importer import check_safetensors
 
     check_safetensors(Path(path))  # a corrupt or truncated file is a clear error, not a crash
     try:
@@ -133,8 +131,6 @@ def load_reward_model(ckpt: Checkpoint | str):
     """Return ``(model, tokenizer)`` for a reward model (one score per sequence)."""
     import torch
     from transformers import AutoModelForSequenceClassification
-
-    from polm.importer import check_safetensors
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = Checkpoint.open(ckpt)

@@ -20,6 +20,9 @@ class StageEntry:
     summary: str  # one line for `polm stages`
     trains: bool = False  # accepts --nproc (runs under accelerate / torch.distributed)
     inputs_in_settings: bool = False  # the settings can name the inputs (a mergekit YAML)
+    # after evaluation, `polm run` records the output beside its inputs (by their recipe names)
+    # and their shared base: what a merge keeps of each input's accuracy and gain
+    compares_inputs: bool = False
 
 
 STAGES: dict[str, StageEntry] = {
@@ -68,6 +71,7 @@ STAGES: dict[str, StageEntry] = {
         "merge checkpoints with mergekit: linear (soup), slerp family, task arithmetic, TIES, "
         "DARE, DELLA, breadcrumbs, model stock, SCE, karcher; mergekit YAML accepted",
         inputs_in_settings=True,
+        compares_inputs=True,
     ),
     "merge.moe": StageEntry(
         "merge.moe:run",
@@ -75,12 +79,14 @@ STAGES: dict[str, StageEntry] = {
         "sparse MoE (Mixtral, Qwen2-MoE) from dense experts with mergekit-moe, or upcycled "
         "from one model; hidden/cheap_embed/random gates, expert checks, routing report",
         inputs_in_settings=True,
+        compares_inputs=True,
     ),
     "merge.lora": StageEntry(
         "merge.lora:run",
         "merge.lora:LoraMergeSettings",
         "fold LoRA adapters (weighted) into their base, or combine them into one adapter "
         "with PEFT: cat, linear, svd, TIES, DARE, magnitude prune",
+        compares_inputs=True,
     ),
     "optimize.distill": StageEntry(
         "optimize.distill:run",
@@ -109,6 +115,19 @@ STAGES: dict[str, StageEntry] = {
         "or cuda), with a greedy and logit parity check against the torch model",
     ),
 }
+
+
+# Deployment packagers (`polm package TARGET CKPT --out DIR`): "module:function" with signature
+# package(ckpt, out, **options) -> Path, imported on use like the stages.
+PACKAGERS: dict[str, str] = {
+    "edge": "serve.edge:package_edge",
+}
+
+
+def packager(target: str):
+    if target not in PACKAGERS:
+        raise PolmError(f"unknown package target {target!r}; known: {', '.join(PACKAGERS)}.")
+    return _resolve(PACKAGERS[target])
 
 
 def get_stage(name: str) -> StageEntry:

@@ -97,6 +97,7 @@ def run_recipe(
 
     from polm.evaluate import evaluate_checkpoint
     from polm.importer import import_model, source_fingerprint
+    from polm.registry import get_stage
 
     console = console or Console(stderr=True)
     recipe = load_recipe(path)
@@ -129,8 +130,11 @@ def run_recipe(
         with console.status(f"evaluating {sid} on {', '.join(recipe.eval) or 'perplexity'}"):
             metrics = evaluate_checkpoint(ckpt, recipe.eval, n=eval_n)
         metrics["wall_s"] = round(wall, 2)
-        if uses.startswith("merge.") and len(inputs or {}) > 1:
+        if len(inputs or {}) > 1 and get_stage(uses).compares_inputs:
             metrics.update(merge_comparison(metrics, inputs, recipe.eval))
+        # The stage wrote the checkpoint whole; the runner adds what only it knows (the recipe's
+        # evaluation, the input hash). update_metrics replaces polm.json in one rename, so a
+        # kill here leaves the stage's own manifest, never a half-written one.
         ckpt.update_metrics(metrics, input_hash=ihash)
         results.append(StageResult(sid, uses, "ran", wall, ckpt, ckpt.manifest.metrics))
         ckpts[sid] = ckpt
@@ -172,7 +176,7 @@ def merge_comparison(metrics: dict, inputs: dict[str, Checkpoint], tasks: list[s
     input the others descend from, or their shared ancestor), the share of the best input's
     accuracy the merge keeps (``merge.of_best.<task>``) and the share of its gain over the
     base (``merge.gain_kept.<task>``), the measures of model soups and multi-task merges."""
-    from merge.mergekit import shared_ancestor
+    from polm.checkpoint import shared_ancestor
 
     base = shared_ancestor(list(inputs.values()))
     experts = {sid: c for sid, c in inputs.items() if base is None or c.path != base.path}

@@ -42,10 +42,30 @@ and evaluations.
 """
 
 
-def package_edge(ckpt: Checkpoint | str, out: str | Path, tar: bool = False) -> Path:
-    """Write the edge package of an ``onnx`` checkpoint to ``out`` (and ``out.tar.gz``)."""
+def package_edge(
+    ckpt: Checkpoint | str, out: str | Path, tar: bool = False, precision: str = "int4"
+) -> Path:
+    """Write the edge package of a checkpoint to ``out`` (and ``out.tar.gz``). A checkpoint that
+    is not ``onnx`` yet is exported first (``optimize.onnx`` at ``precision``, through the
+    registry) into a temporary directory beside ``out``."""
+    import tempfile
+
     if not isinstance(ckpt, Checkpoint):
         ckpt = Checkpoint.open(ckpt)
+    if ckpt.format == "onnx":
+        return _package_onnx(ckpt, out, tar)
+    from polm.registry import stage_function
+    from polm.settings import parse_settings
+
+    settings = parse_settings("optimize.onnx", {"precision": precision})
+    Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".polm-edge-", dir=Path(out).absolute().parent) as tmp:
+        print(f"exporting {ckpt.path} to ONNX ({precision}) ...")
+        onnx = stage_function("optimize.onnx")([ckpt], settings, Path(tmp) / ckpt.path.name)
+        return _package_onnx(onnx, out, tar)
+
+
+def _package_onnx(ckpt: Checkpoint, out: str | Path, tar: bool) -> Path:
     ckpt.require_format("onnx", stage="polm package edge")
     ckpt.verify()  # never package a checkpoint that changed after it was written
     out = Path(out).absolute()

@@ -17,7 +17,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from serve.backends import Job, TokenBackend
+from serve.backends.base import Job, TokenBackend
 
 
 class OnnxBackend(TokenBackend):

@@ -16,7 +16,7 @@ import threading
 import time
 
 from polm.loading import load_model
-from serve.backends import GenParams, Job, TokenBackend, deliver
+from serve.backends.base import GenParams, Job, TokenBackend, deliver
 
 
 class TransformersBackend(TokenBackend):

@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 
-from serve.backends import Backend, GenParams, Piece
+from serve.backends.base import Backend, GenParams, Piece
 
 
 class VllmBackend(Backend):

@@ -1,0 +1,68 @@
+"""Which engine serves a checkpoint, and opening it there: ``onnx`` -> onnxruntime-genai; any
+torch format -> vLLM on a GPU where vLLM is installed and reads the format, else
+transformers, unless the caller names one. Engines are imported only when chosen."""
+
+from __future__ import annotations
+
+from polm.errors import PolmError
+from serve.backends.base import Backend
+
+BACKENDS = ("transformers", "onnx", "vllm")
+VLLM_FORMATS = ("hf", "gptq")  # formats vLLM reads from a polm checkpoint directory
+
+
+def choose_backend(fmt: str, requested: str | None = None) -> str:
+    """The engine for a checkpoint format: the requested one if it can serve it, else the best
+    one available on this machine."""
+    if requested not in (None, "", "auto") and requested not in BACKENDS:
+        raise PolmError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}.")
+    if fmt == "onnx":
+        if requested not in (None, "", "auto", "onnx"):
+            raise PolmError(
+                f"an onnx checkpoint runs on the onnx backend (onnxruntime-genai), not "
+                f"{requested!r}."
+            )
+        return "onnx"
+    if requested == "onnx":
+        raise PolmError(
+            f"the onnx backend serves onnx checkpoints; this one has format {fmt!r}. Export it "
+            "first: polm optimize onnx --from CKPT --out DIR."
+        )
+    if requested == "vllm":
+        if fmt not in VLLM_FORMATS:
+            raise PolmError(
+                f"vLLM does not read polm's {fmt!r} format; serve it with the transformers "
+                "backend (or merge/dequantize it to hf first)."
+            )
+        return "vllm"
+    if requested == "transformers":
+        return "transformers"
+    if fmt in VLLM_FORMATS and _vllm_usable():
+        return "vllm"
+    return "transformers"
+
+
+def _vllm_usable() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def open_backend(ckpt, requested: str | None = None, **options) -> Backend:
+    """Load ``ckpt`` (a :class:`polm.checkpoint.Checkpoint`) on the chosen engine."""
+    name = choose_backend(ckpt.format, requested)
+    if name == "onnx":
+        from serve.backends.onnx import OnnxBackend
+
+        return OnnxBackend(ckpt.path, **options)
+    if name == "vllm":
+        from serve.backends.vllm import VllmBackend
+
+        return VllmBackend(ckpt, **options)
+    from serve.backends.transformers import TransformersBackend
+
+    return TransformersBackend(ckpt, **options)
