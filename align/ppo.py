@@ -40,6 +40,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
+from polm import progress
 from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
 from polm.precision import Bf16
@@ -525,6 +526,7 @@ def run(inputs: list[Checkpoint], settings: PPOSettings, out: Path) -> Checkpoin
         if step == 1 or step % s.logging_steps == 0 or step == steps:
             log_history.append(entry)
             bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{seq_kl:.3f}")
+        progress.report(f"PPO ({scorer.kind} reward)", step, steps, loss=entry["loss"])
     wall = time.perf_counter() - t0
     end = heldout(policy, ref, tokenizer, eval_prompts, scorer, s, s.seed + 1)
 

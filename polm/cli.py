@@ -12,16 +12,16 @@ import yaml
 from polm.errors import PolmError
 
 
-def _console():
+def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console()
+    return Console(stderr=stderr)
 
 
 def cmd_run(a) -> None:
     from polm.runner import run_recipe
 
-    run_recipe(a.recipe, a.workdir, eval_n=a.eval_n)
+    run_recipe(a.recipe, a.workdir, eval_n=a.eval_n, verbose=a.verbose)
 
 
 def cmd_validate(a) -> None:
@@ -160,7 +160,7 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 def cmd_stage(a) -> None:
     from polm.checkpoint import Checkpoint
-    from polm.runner import run_stage
+    from polm.runner import run_stage, stage_output
     from polm.settings import parse_settings
 
     values = {}
@@ -176,13 +176,18 @@ def cmd_stage(a) -> None:
     if not paths:
         raise PolmError(f"{a.stage} needs its inputs: --from CKPT...")
     inputs = [Checkpoint.open(p) for p in paths]
-    ckpt = run_stage(a.stage, inputs, settings, Path(a.out), a.nproc)
-    print(f"{a.stage} -> {ckpt.path} ({ckpt.manifest.content_hash[:12]})")
-    if a.eval:  # the suite a recipe runs after every stage, into the manifest
-        from polm.evaluate import evaluate_checkpoint
+    out = Path(a.out)
+    log_path = None if a.verbose else out.with_name(f"{out.name}.log")
+    with stage_output(_console(stderr=True), out.name, a.stage, log_path) as bar:
+        ckpt = run_stage(a.stage, inputs, settings, out, a.nproc)
+        if a.eval:  # the suite a recipe runs after every stage, into the manifest
+            from polm.evaluate import evaluate_checkpoint
 
-        metrics = evaluate_checkpoint(ckpt, a.eval, n=a.eval_n)
-        ckpt.update_metrics(metrics)
+            if bar is not None:
+                bar.start(f"evaluating on {', '.join(a.eval)}")
+            ckpt.update_metrics(evaluate_checkpoint(ckpt, a.eval, n=a.eval_n))
+    print(f"{a.stage} -> {ckpt.path} ({ckpt.manifest.content_hash[:12]})")
+    if a.eval:
         for k, v in ckpt.manifest.metrics.items():
             if k.startswith("eval.") or k in ("size_bytes", "bits_per_weight", "params"):
                 print(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
@@ -209,6 +214,12 @@ def cmd_serve(a) -> None:
     os.execv(argv[0], argv)
 
 
+VERBOSE_HELP = (
+    "show everything the libraries print (progress bars, warnings, logs) instead of one "
+    "progress bar and one result line per stage"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from polm.registry import STAGES
 
@@ -217,25 +228,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="polm: post-training for language "
         "models, one recipe from alignment to serving.",
     )
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # -v is taken after the command too (`polm run R.yaml -v`); SUPPRESS keeps the global value
+    # when a subcommand does not see it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+    )
 
-    s = sub.add_parser("run", help="run a recipe")
+    s = sub.add_parser("run", parents=[common], help="run a recipe")
     s.add_argument("recipe")
     s.add_argument("--workdir", help="output directory (default runs/<name>)")
     s.add_argument("--eval-n", type=int, help="evaluate on the first N test examples only")
     s.set_defaults(fn=cmd_run)
-    s = sub.add_parser("validate", help="check recipes without running them")
+    s = sub.add_parser("validate", parents=[common], help="check recipes without running them")
     s.add_argument("recipes", nargs="+")
     s.set_defaults(fn=cmd_validate)
-    sub.add_parser("stages", help="list the registered stages").set_defaults(fn=cmd_stages)
-    s = sub.add_parser("inspect", help="show a checkpoint's manifest")
+    sub.add_parser("stages", parents=[common], help="list the registered stages").set_defaults(
+        fn=cmd_stages
+    )
+    s = sub.add_parser("inspect", parents=[common], help="show a checkpoint's manifest")
     s.add_argument("ckpt")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_inspect)
-    s = sub.add_parser("lineage", help="print the tree of checkpoints a checkpoint came from")
+    s = sub.add_parser(
+        "lineage", parents=[common], help="print the tree of checkpoints a checkpoint came from"
+    )
     s.add_argument("ckpt")
     s.set_defaults(fn=cmd_lineage)
-    s = sub.add_parser("eval", help="evaluate a checkpoint; results go into its manifest")
+    s = sub.add_parser(
+        "eval", parents=[common], help="evaluate a checkpoint; results go into its manifest"
+    )
     s.add_argument("ckpt")
     s.add_argument("--task", action="append", required=True, help="task name (repeatable)")
     s.add_argument("--n", type=int, help="first N test examples only")
@@ -249,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace", help="write each self-refine answer and critique to this JSONL")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_eval)
-    s = sub.add_parser("import", help="import builtin:NAME, an HF directory or a .gguf file")
+    s = sub.add_parser(
+        "import", parents=[common], help="import builtin:NAME, an HF directory or a .gguf file"
+    )
     s.add_argument("src")
     s.add_argument("--out", required=True)
     s.add_argument(
@@ -258,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept pickle (.bin/.pt) weights; loaded with weights_only=True",
     )
     s.set_defaults(fn=cmd_import)
-    s = sub.add_parser("serve", help="serve a checkpoint (bentoml serve, OpenAI-compatible)")
+    s = sub.add_parser(
+        "serve", parents=[common], help="serve a checkpoint (bentoml serve, OpenAI-compatible)"
+    )
     s.add_argument("model", nargs="?", help="checkpoint directory (default: the built-in)")
     s.add_argument("--backend", choices=["auto", "transformers", "onnx", "vllm"])
     s.add_argument("--served-model-name", dest="served_model_name")
@@ -266,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=3000)
     s.set_defaults(fn=cmd_serve)
-    s = sub.add_parser("package", help="package a checkpoint for deployment")
+    s = sub.add_parser("package", parents=[common], help="package a checkpoint for deployment")
     pk = s.add_subparsers(dest="target", required=True, metavar="TARGET")
-    s = pk.add_parser("edge", help="int4 ONNX + runner needing only onnxruntime-genai")
+    s = pk.add_parser(
+        "edge", parents=[common], help="int4 ONNX + runner needing only onnxruntime-genai"
+    )
     s.add_argument("ckpt")
     s.add_argument("--out", required=True)
     s.add_argument("--tar", action="store_true", help="also write OUT.tar.gz")
@@ -279,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="export precision when CKPT is not already onnx",
     )
     s.set_defaults(fn=cmd_package)
-    s = sub.add_parser("report", help="print the summary table of a run directory")
+    s = sub.add_parser(
+        "report", parents=[common], help="print the summary table of a run directory"
+    )
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_report)
 
@@ -287,9 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, entry in sorted(STAGES.items()):
         group, stage = name.split(".", 1)
         if group not in groups:
-            g = sub.add_parser(group, help=f"run one {group} stage")
+            g = sub.add_parser(group, parents=[common], help=f"run one {group} stage")
             groups[group] = g.add_subparsers(dest="stage_name", required=True, metavar="STAGE")
-        s = groups[group].add_parser(stage, help=entry.summary)
+        s = groups[group].add_parser(stage, parents=[common], help=entry.summary)
         s.add_argument(
             "--from",
             dest="inputs",
@@ -322,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        from polm.progress import quiet_libraries
+
+        quiet_libraries()
     try:
         args.fn(args)
     except PolmError as e:

@@ -8,11 +8,13 @@ everything downstream, so exactly the changed stage and its descendants re-run.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import shutil
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,9 +92,16 @@ class _Lock:
 
 
 def run_recipe(
-    path: str | Path, workdir: str | Path | None = None, console=None, eval_n: int | None = None
+    path: str | Path,
+    workdir: str | Path | None = None,
+    console=None,
+    eval_n: int | None = None,
+    verbose: bool = True,
 ) -> list[StageResult]:
-    """Run every stage of the recipe at ``path``; return one result per model and stage."""
+    """Run every stage of the recipe at ``path``; return one result per model and stage.
+
+    ``verbose=False`` (the CLI without ``-v``) shows one progress bar and one result line per
+    stage; each stage's other output goes to ``<workdir>/logs/<stage>.log``."""
     from rich.console import Console
 
     from polm.evaluate import evaluate_checkpoint
@@ -109,7 +118,9 @@ def run_recipe(
         """``inputs``: the stage's inputs by recipe name (a merge is compared with them)."""
         done = finished(out, ihash)
         if done is not None:
-            console.print(f"[dim]= {sid}: unchanged, skipped ({out})[/dim]")
+            console.print(
+                f"[dim]= {sid} ({uses}): unchanged, skipped ({out})[/dim]", soft_wrap=True
+            )
             results.append(
                 StageResult(
                     sid,
@@ -123,11 +134,15 @@ def run_recipe(
             ckpts[sid] = done
             return
         clean_stale(out)
-        console.rule(f"[bold]{sid}[/bold] ({uses})")
-        t0 = time.perf_counter()
-        ckpt = make()
-        wall = time.perf_counter() - t0
-        with console.status(f"evaluating {sid} on {', '.join(recipe.eval) or 'perplexity'}"):
+        if verbose:
+            console.rule(f"[bold]{sid}[/bold] ({uses})")
+        log_path = None if verbose else root / "logs" / f"{sid}.log"
+        with stage_output(console, sid, uses, log_path) as bar:
+            t0 = time.perf_counter()
+            ckpt = make()
+            wall = time.perf_counter() - t0
+            if bar is not None:
+                bar.start(f"evaluating on {', '.join(recipe.eval) or 'perplexity'}")
             metrics = evaluate_checkpoint(ckpt, recipe.eval, n=eval_n)
         metrics["wall_s"] = round(wall, 2)
         if len(inputs or {}) > 1 and get_stage(uses).compares_inputs:
@@ -138,6 +153,8 @@ def run_recipe(
         ckpt.update_metrics(metrics, input_hash=ihash)
         results.append(StageResult(sid, uses, "ran", wall, ckpt, ckpt.manifest.metrics))
         ckpts[sid] = ckpt
+        if not verbose:
+            console.print(result_line(sid, uses, wall, ckpt, recipe.eval), soft_wrap=True)
 
     with _Lock(root):
         for name, source in recipe.models.items():
@@ -169,6 +186,48 @@ def run_recipe(
     for line in merge_summary(results, recipe.eval):
         out.print(line)
     return results
+
+
+@contextlib.contextmanager
+def stage_output(console, sid: str, uses: str, log_path: Path | None):
+    """One stage under its progress bar (quiet: ``log_path`` given); a failure other than a
+    PolmError becomes one paragraph that points at the log, where the traceback is."""
+    from polm.progress import stage_output as bar_output
+
+    with bar_output(console, sid, log_path) as bar:
+        if bar is not None:
+            bar.start(uses)
+        try:
+            yield bar
+        except (PolmError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if log_path is None:
+                raise
+            traceback.print_exc()  # into the log
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise PolmError(
+                f"stage {sid!r} ({uses}) failed: {type(e).__name__}: {first}\n"
+                f"Its whole output, with the traceback, is in {log_path}; run with -v to see "
+                "it as it happens."
+            ) from e
+
+
+def result_line(sid: str, uses: str, wall: float, ckpt: Checkpoint, tasks: list[str]) -> str:
+    """The one line a finished stage leaves on the screen."""
+    m = ckpt.manifest.metrics
+    parts = [f"{t} {m[f'eval.{t}.accuracy']:.1%}" for t in tasks if f"eval.{t}.accuracy" in m]
+    if "perplexity" in m:
+        parts.append(f"ppl {m['perplexity']:.3f}")
+    if "size_bytes" in m:
+        parts.append(f"{m['size_bytes'] / 2**20:.1f} MB")
+    if "bits_per_weight" in m:
+        parts.append(f"{m['bits_per_weight']:.2f} bits/w")
+    return (
+        f"[green]✓[/green] [bold]{sid}[/bold] ({uses}) {wall:.1f} s  "
+        + "  ".join(parts)
+        + f"  [dim]-> {ckpt.path}[/dim]"
+    )
 
 
 def merge_comparison(metrics: dict, inputs: dict[str, Checkpoint], tasks: list[str]) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from polm import progress
 from polm.checkpoint import Checkpoint, staging
 from polm.precision import Bf16, resolve_bf16
 from polm.settings import StageSettings
@@ -277,6 +278,8 @@ def train(trainer) -> dict:
         trainer.add_callback(_mark_saved_callback())
     if resume is not None:
         log.info("resuming from %s", resume)
+    if progress.current() is not None:  # under the CLI: the stage's bar, not the trainer's
+        trainer.add_callback(progress.trainer_callback())
     t0 = time.perf_counter()
     with logprob_tiles_fit_vocab(trainer.model):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -91,6 +91,7 @@ def test_sigkill_mid_stage_then_rerun_completes(tmp_path):
             str(work),
             "--eval-n",
             "16",
+            "-v",  # the trainer's log lines on stdout tell when training is under way
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

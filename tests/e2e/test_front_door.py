@@ -1,0 +1,75 @@
+"""What a newcomer sees from `polm run recipes/quickstart.yaml` without -v: one result line per
+stage and the summary table; the libraries' bars, warnings and logs go to each stage's log."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+NOISE = (
+    r"it/s",  # tqdm bars (transformers, datasets, weight loading)
+    r"examples/s",
+    r"Warning",  # FutureWarning, UserWarning ...
+    r"\bINFO\b",
+    r"\bWARN\b",
+    r"'loss'",  # the trainer's printed log dicts
+    r"Traceback",
+)
+
+
+def _polm(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE",)}
+    return subprocess.run(
+        [sys.executable, "-m", "polm.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_quickstart_shows_one_line_per_stage_and_the_table(tmp_path):
+    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    for spec in raw["stages"].values():
+        spec["with"]["max_steps"] = 6  # the recipe's shape, shrunk
+    recipe = tmp_path / "quickstart.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    work = tmp_path / "run"
+    proc = _polm("run", recipe, "--workdir", work, "--eval-n", "8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = proc.stdout + proc.stderr
+    for pattern in NOISE:
+        assert not re.search(pattern, shown), f"{pattern!r} in the output:\n{shown}"
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    ids = ["base", *raw["stages"]]
+    assert len(lines) == len(ids), proc.stderr  # one line per model and stage, nothing else
+    for line, sid in zip(lines, ids):
+        assert line.startswith(f"✓ {sid} ("), line
+        assert "add " in line and " -> " in line
+    assert f"polm run {raw['name']}" in proc.stdout and "add acc" in proc.stdout
+    # what was not shown is kept: the trainer's log in the stage's log file
+    assert "'loss'" in (work / "logs" / "sft.log").read_text()
+
+    again = _polm("run", recipe, "--workdir", work, "--eval-n", "8", cwd=tmp_path)
+    assert again.returncode == 0
+    skipped = [ln for ln in again.stderr.splitlines() if ln.strip()]
+    assert len(skipped) == len(ids) and all("unchanged, skipped" in ln for ln in skipped)
+
+
+def test_verbose_shows_the_libraries_output(tmp_path):
+    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    for spec in raw["stages"].values():
+        spec["with"].update(max_steps=2, logging_steps=1)
+    recipe = tmp_path / "quickstart.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = _polm("run", recipe, "--workdir", tmp_path / "run", "--eval-n", "4", "-v", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'loss'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "logs").exists()
