@@ -25,10 +25,11 @@ def cmd_run(a) -> None:
 
 
 def cmd_validate(a) -> None:
-    from polm.recipe import load_recipe
+    from polm.recipe import check_models, load_recipe
 
     for path in a.recipes:
         recipe = load_recipe(path)
+        check_models(recipe)
         print(
             f"{path}: ok ({len(recipe.models)} models, {len(recipe.stages)} stages: "
             f"{' -> '.join(recipe.order()) or 'none'})"
