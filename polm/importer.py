@@ -95,8 +95,8 @@ def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
             raise PolmError(
                 f"{path} has only pickle weights ({', '.join(sorted(pickles))}); polm loads "
                 "safetensors only, because unpickling can run arbitrary code. If you trust this "
-                "model, re-run with --allow-pickle (recipe: allow_pickle) to load it with "
-                "torch's weights_only loader and convert it to safetensors."
+                "model, import it with `polm import DIR --out NEW --allow-pickle` (torch's "
+                "weights_only loader, re-saved as safetensors) and give a recipe NEW instead."
             )
     elif not has_st:
         raise PolmError(f"{path} has no weights: expected *.safetensors files.")
