@@ -25,10 +25,11 @@ def cmd_run(a) -> None:
 
 
 def cmd_validate(a) -> None:
-    from polm.recipe import load_recipe
+    from polm.recipe import check_models, load_recipe
 
     for path in a.recipes:
         recipe = load_recipe(path)
+        check_models(recipe)
         print(
             f"{path}: ok ({len(recipe.models)} models, {len(recipe.stages)} stages: "
             f"{' -> '.join(recipe.order()) or 'none'})"
@@ -201,16 +202,32 @@ def cmd_package(a) -> None:
 
 
 def cmd_serve(a) -> None:
-    import os
-    import shutil
+    """Exec ``bentoml serve serve.service:Polm`` with this interpreter.
 
-    bentoml = shutil.which("bentoml") or str(Path(sys.executable).with_name("bentoml"))
-    argv = [bentoml, "serve", "serve.service:Polm", "--host", a.host, "--port", str(a.port)]
+    BentoML imports the service from its working directory, and its workers run there. That is
+    the directory ``serve`` is installed in (site-packages, or the repository for a development
+    install), so the service that runs is the one shipped with this polm whatever the current
+    directory holds; paths the server reads are made absolute first, since its cwd moves."""
+    import importlib.util
+    import os
+
+    if a.model is not None:
+        from polm.checkpoint import Checkpoint
+
+        a.model = str(Checkpoint.open(a.model).path.absolute())  # no checkpoint: exit 2 now
+    for var in ("POLM_MODEL", "POLM_CACHE"):
+        if os.environ.get(var):
+            os.environ[var] = str(Path(os.environ[var]).expanduser().absolute())
+    spec = importlib.util.find_spec("serve")
+    if spec is None or spec.origin is None:
+        raise PolmError("polm's serve package is not importable: reinstall polm.")
+    working_dir = Path(spec.origin).resolve().parent.parent
+    argv = [sys.executable, "-m", "bentoml", "serve", "serve.service:Polm"]
+    argv += ["--working-dir", str(working_dir), "--host", a.host, "--port", str(a.port)]
     for key in ("model", "backend", "served_model_name", "max_concurrency"):
         value = getattr(a, key)
         if value is not None:
             argv += ["--arg", f"{key}={value}"]
-    os.chdir(Path(__file__).resolve().parent.parent)  # where serve/ and bentofile.yaml live
     os.execv(argv[0], argv)
 
 

@@ -54,16 +54,26 @@ def source_fingerprint(source: str) -> str:
     return h.hexdigest()
 
 
-def import_model(source: str, out: str | Path, allow_pickle: bool = False) -> Checkpoint:
-    """Import ``source`` (``builtin:NAME``, a local HF directory or a ``.gguf`` file) to ``out``."""
-    settings = {"source": source, "allow_pickle": allow_pickle}
+def check_source(source: str, allow_pickle: bool = False) -> None:
+    """Check that ``source`` names a model polm can import, without loading any weights.
+
+    ``builtin:NAME`` must be a known built-in; a directory must hold ``config.json``,
+    safetensors weights whose headers read (or, with ``allow_pickle``, pickle weights) and a
+    tokenizer; a ``.gguf`` file's header and tensor index must read. ``polm validate``, ``polm
+    run`` (before any stage) and :func:`import_model` all call this, so the rules live here once.
+    """
     if source.startswith("builtin:"):
-        return _import_builtin(source.split(":", 1)[1], Path(out), settings)
+        name = source.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise PolmError(
+                f"unknown built-in model {name!r}; the built-ins are: {', '.join(BUILTINS)}."
+            )
+        return
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _import_gguf(path, Path(out), settings)
+        return _check_gguf(path)
     if path.is_dir():
-        return _import_hf_dir(path, Path(out), settings, allow_pickle)
+        return _check_hf_dir(path, allow_pickle)
     if not path.exists():
         raise PolmError(
             f"cannot import {source!r}: no such file or directory. Give builtin:NAME "
@@ -75,11 +85,60 @@ def import_model(source: str, out: str | Path, allow_pickle: bool = False) -> Ch
     )
 
 
-def _import_builtin(name: str, out: Path, settings: dict) -> Checkpoint:
-    if name not in BUILTINS:
+def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise PolmError(f"{path} is not a Hugging Face model directory: config.json is missing.")
+    has_st = any(path.glob("*.safetensors"))
+    pickles = [f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
+    if not has_st and pickles:
+        if not allow_pickle:
+            raise PolmError(
+                f"{path} has only pickle weights ({', '.join(sorted(pickles))}); polm loads "
+                "safetensors only, because unpickling can run arbitrary code. If you trust this "
+                "model, import it with `polm import DIR --out NEW --allow-pickle` (torch's "
+                "weights_only loader, re-saved as safetensors) and give a recipe NEW instead."
+            )
+    elif not has_st:
+        raise PolmError(f"{path} has no weights: expected *.safetensors files.")
+    tok_files = [
+        n for n in ("tokenizer.json", "tokenizer.model", "vocab.json") if (path / n).is_file()
+    ]
+    if not tok_files:
         raise PolmError(
-            f"unknown built-in model {name!r}; the built-ins are: {', '.join(BUILTINS)}."
+            f"{path} has no tokenizer (tokenizer.json, tokenizer.model or "
+            "vocab.json): polm evaluates and serves every checkpoint, so it needs one."
         )
+    check_safetensors(path)
+
+
+def _check_gguf(path: Path) -> None:
+    """Read the GGUF header, metadata and tensor index (the weights stay on disk, memory-mapped
+    and unread): a truncated or foreign file fails here, before any dequantization."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct and numpy errors on bad files
+        raise PolmError(f"cannot read {path} as a GGUF model: {str(e).splitlines()[0]}") from None
+    if "general.architecture" not in reader.fields:
+        raise PolmError(
+            f"cannot read {path} as a GGUF model: its header names no general.architecture."
+        )
+
+
+def import_model(source: str, out: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    """Import ``source`` (``builtin:NAME``, a local HF directory or a ``.gguf`` file) to ``out``."""
+    check_source(source, allow_pickle)
+    settings = {"source": source, "allow_pickle": allow_pickle}
+    if source.startswith("builtin:"):
+        return _import_builtin(source.split(":", 1)[1], Path(out), settings)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        return _import_gguf(path, Path(out), settings)
+    return _import_hf_dir(path, Path(out), settings)
+
+
+def _import_builtin(name: str, out: Path, settings: dict) -> Checkpoint:
     with staging(out) as st:
         if name == "tiny-base":
             for f in (BUILTIN_DIR / name).iterdir():
@@ -96,34 +155,12 @@ def _import_builtin(name: str, out: Path, settings: dict) -> Checkpoint:
         return st.commit(stage="import", format="hf", settings=settings)
 
 
-def _import_hf_dir(path: Path, out: Path, settings: dict, allow_pickle: bool) -> Checkpoint:
-    if not (path / "config.json").is_file():
-        raise PolmError(f"{path} is not a Hugging Face model directory: config.json is missing.")
-    has_st = any(path.glob("*.safetensors"))
-    pickles = [f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
-    if not has_st and pickles:
-        if not allow_pickle:
-            raise PolmError(
-                f"{path} has only pickle weights ({', '.join(sorted(pickles))}); polm loads "
-                "safetensors only, because unpickling can run arbitrary code. If you trust this "
-                "model, re-run with --allow-pickle (recipe: allow_pickle) to load it with "
-                "torch's weights_only loader and convert it to safetensors."
-            )
-    elif not has_st:
-        raise PolmError(f"{path} has no weights: expected *.safetensors files.")
-    tok_files = [
-        n for n in ("tokenizer.json", "tokenizer.model", "vocab.json") if (path / n).is_file()
-    ]
-    if not tok_files:
-        raise PolmError(
-            f"{path} has no tokenizer (tokenizer.json, tokenizer.model or "
-            "vocab.json): polm evaluates and serves every checkpoint, so it needs one."
-        )
+def _import_hf_dir(path: Path, out: Path, settings: dict) -> Checkpoint:
     from polm.loading import load_tokenizer
 
+    has_st = any(path.glob("*.safetensors"))
     with staging(out) as st:
         if has_st:
-            check_safetensors(path)
             for f in path.iterdir():
                 if f.is_file() and (f.suffix == ".safetensors" or f.name in HF_FILES):
                     shutil.copy2(f, st.dir / f.name)

@@ -8,12 +8,14 @@
       sft: {uses: align.sft, from: base, with: {task: add}}
 
 Validation happens in full before anything runs: unknown stages, unknown or mistyped fields,
-``from`` naming nothing, cycles and unknown eval tasks are all reported up front.
+``from`` naming nothing, cycles, unknown eval tasks and names that are not plain names are all
+reported up front; :func:`check_models` then resolves every model source without loading it.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,22 @@ from polm.errors import PolmError
 from polm.registry import get_stage, settings_class
 from polm.settings import StageSettings, format_validation_error, parse_settings
 from polm.tasks import get_task
+
+# The recipe name, model names and stage ids become directories (runs/<name>/<stage id>/,
+# runs/<name>/models/<model>/), so each must be one plain path component: no separators, not
+# "." or "..", no leading dot (the runner's own temporary and lock files start with one).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+# what the runner itself writes beside the stage directories
+RESERVED_STAGE_IDS = ("models", "report.json")
+
+
+def check_name(kind: str, name: str, where: str) -> None:
+    """Refuse a ``name`` that is not one plain path component (letters, digits, ``_ . -``)."""
+    if not PLAIN_NAME.fullmatch(name):
+        raise PolmError(
+            f"{where}: {kind} {name!r} is not a plain name: use letters, digits, '_', '.' and "
+            "'-' only, not starting with '.' (it names a directory under the run's workdir)."
+        )
 
 
 class StageSpec(BaseModel):
@@ -45,9 +63,7 @@ class StageSpec(BaseModel):
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(
-        pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; outputs go to runs/<name>/."
-    )
+    name: str = Field(description="Run name (a plain name); outputs go to runs/<name>/.")
     seed: int = Field(default=0, description="Default seed for every stage that takes one.")
     models: dict[str, str] = Field(description="name -> builtin:NAME, local HF dir or .gguf.")
     eval: list[str] = Field(default_factory=list, description="Tasks evaluated on every output.")
@@ -101,6 +117,16 @@ def parse_recipe(raw: Any, source: Path | None = None) -> Recipe:
     except ValidationError as e:
         raise PolmError(format_validation_error(e, Recipe, where)) from None
     recipe.source = source
+    check_name("name", recipe.name, where)
+    for name in recipe.models:
+        check_name("model name", name, where)
+    for sid in recipe.stages:
+        check_name("stage id", sid, where)
+        if sid in RESERVED_STAGE_IDS:
+            raise PolmError(
+                f"{where}: stage id {sid!r} is reserved (the run directory keeps "
+                f"{' and '.join(RESERVED_STAGE_IDS)} there); rename the stage."
+            )
     for task in recipe.eval:
         get_task(task)
     clash = set(recipe.models) & set(recipe.stages)
@@ -124,3 +150,16 @@ def parse_recipe(raw: Any, source: Path | None = None) -> Recipe:
         recipe.settings[sid] = parse_settings(spec.uses, values, where=f"stage {sid!r}")
     recipe.order()
     return recipe
+
+
+def check_models(recipe: Recipe) -> None:
+    """Resolve every model the recipe names without loading weights (see
+    :func:`polm.importer.check_source`): a missing or unreadable model fails here, before any
+    stage runs, naming the model and its source."""
+    from polm.importer import check_source
+
+    for name, source in recipe.models.items():
+        try:
+            check_source(source)
+        except PolmError as e:
+            raise PolmError(f"model {name!r} ({source}): {e}") from None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
-from polm.recipe import Recipe, load_recipe
+from polm.recipe import Recipe, check_models, load_recipe
 
 
 @dataclass
@@ -110,6 +110,7 @@ def run_recipe(
 
     console = console or Console(stderr=True)
     recipe = load_recipe(path)
+    check_models(recipe)  # a missing model fails before any stage trains
     root = Path(workdir) if workdir else Path("runs") / recipe.name
     results: list[StageResult] = []
     ckpts: dict[str, Checkpoint] = {}

@@ -106,3 +106,60 @@ def test_corrupt_weights_inside_a_checkpoint(tmp_path, base_ckpt):
         "not a valid safetensors file",
     )
     assert not (tmp_path / "o").exists()
+
+
+def _models_recipe(tmp_path, source):
+    raw = {
+        "name": "m",
+        "models": {"base": str(source)},
+        "stages": {"sft": {"uses": "align.sft", "from": "base", "with": {"task": "add"}}},
+    }
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def test_validate_resolves_every_model_without_running(tmp_path, base_ckpt):
+    not_gguf = tmp_path / "garbage.gguf"
+    not_gguf.write_bytes(b"GGUF" + b"\x00" * 32)
+    no_config = tmp_path / "no-config"
+    shutil.copytree(base_ckpt.path, no_config)
+    (no_config / "config.json").unlink()
+    bad = [
+        (tmp_path / "no-such-dir", ["model 'base'", "no-such-dir", "no such file or directory"]),
+        (tmp_path / "no-such.gguf", ["model 'base'", "no-such.gguf", "no such file or directory"]),
+        ("builtin:tiny-huge", ["model 'base'", "unknown built-in model 'tiny-huge'"]),
+        (not_gguf, ["model 'base'", "cannot read", "garbage.gguf", "as a GGUF model"]),
+        (no_config, ["model 'base'", "config.json is missing"]),
+    ]
+    for source, needles in bad:
+        _assert_clean_error(polm_cli("validate", _models_recipe(tmp_path, source)), *needles)
+
+
+def test_validate_accepts_builtins_directories_and_gguf_files(tmp_path, base_ckpt):
+    from tests.polm.gguf_writer import write_llama_gguf
+
+    gguf_file = write_llama_gguf(base_ckpt.path, tmp_path / "tiny.gguf")
+    for source in ("builtin:tiny-base", base_ckpt.path, gguf_file):
+        proc = polm_cli("validate", _models_recipe(tmp_path, source))
+        assert proc.returncode == 0, proc.stderr
+        assert "ok (1 models, 1 stages: sft)" in proc.stdout
+
+
+def test_run_with_a_missing_model_fails_before_any_stage(tmp_path):
+    recipe = _models_recipe(tmp_path, tmp_path / "gone")
+    proc = polm_cli("run", recipe, "--workdir", tmp_path / "w")
+    _assert_clean_error(proc, "model 'base'", "gone", "no such file or directory")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_stage_id_that_escapes_the_workdir_is_refused(tmp_path):
+    raw = {
+        "name": "e",
+        "models": {"base": "builtin:tiny-base"},
+        "stages": {"../escape": {"uses": "align.sft", "from": "base", "with": {"task": "add"}}},
+    }
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(raw))
+    proc = polm_cli("run", tmp_path / "e.yaml", "--workdir", tmp_path / "w" / "run")
+    _assert_clean_error(proc, "stage id '../escape' is not a plain name")
+    assert not (tmp_path / "w").exists() and not (tmp_path / "escape").exists()

@@ -1,10 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from polm.errors import PolmError
-from polm.recipe import load_recipe, parse_recipe
+from polm.recipe import check_models, load_recipe, parse_recipe
 from polm.registry import STAGES, settings_class, stage_function
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,12 +66,46 @@ def test_bad_recipes_fail_with_a_clear_message(changes, pattern):
         parse_recipe(_with(**changes))
 
 
+BAD_NAMES = ["../escape", "a/b", "a\\b", ".hidden", ".", "..", "", "a b", "é"]
+SFT = {"uses": "align.sft", "from": "base", "with": {"task": "add"}}
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+@pytest.mark.parametrize("kind", ["stage id", "model name", "name"])
+def test_names_that_are_not_plain_are_refused(kind, bad):
+    """They become directories under the workdir: `../escape` once wrote a checkpoint outside."""
+    raw = _with()
+    if kind == "stage id":
+        raw["stages"][bad] = SFT
+    elif kind == "model name":
+        raw["models"][bad] = "builtin:tiny-base"
+    else:
+        raw["name"] = bad
+    with pytest.raises(PolmError, match=re.escape(f"{kind} {bad!r} is not a plain name")):
+        parse_recipe(raw)
+
+
+@pytest.mark.parametrize("sid", ["models", "report.json"])
+def test_stage_ids_the_runner_uses_are_reserved(sid):
+    raw = _with()
+    raw["stages"][sid] = SFT
+    with pytest.raises(PolmError, match=f"stage id '{sid}' is reserved"):
+        parse_recipe(raw)
+
+
+def test_plain_names_with_dots_dashes_and_digits_pass():
+    raw = _with(name="run-1.2_x")
+    raw["models"]["base.v2"] = "builtin:tiny-llama"
+    raw["stages"]["sft-3.b_"] = {**SFT, "from": "base.v2"}
+    assert parse_recipe(raw).order() == ["a", "b", "sft-3.b_"]
+
+
 def test_every_shipped_recipe_validates():
     recipes = sorted((REPO / "recipes").glob("*.yaml"))
     assert recipes
     for path in recipes:
         assert path.read_text().startswith("# Launch: polm run recipes/")
-        load_recipe(path)
+        check_models(load_recipe(path))
 
 
 def test_registry_entries_resolve_and_settings_are_strict():
