@@ -22,15 +22,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from polm.checkpoint import Checkpoint
-from polm.training import (
-    DataSettings,
-    save_trained,
-    scratch_dir,
-    single_input,
-    task_examples,
-    train,
-    trainer_args,
-)
+from polm.stage import DataSettings, single_input
+from polm.training import save_trained, scratch_dir, task_examples, train, trainer_args
 
 STAGE = "align.dpo"
 

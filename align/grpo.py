@@ -20,16 +20,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from polm.checkpoint import Checkpoint
-from polm.errors import PolmError
+from polm.stage import TrainingSettings, policy_and_reward, task_names
 from polm.tasks import get_task, validate_task_names
-from polm.training import (
-    TrainingSettings,
-    require_policy,
-    save_trained,
-    scratch_dir,
-    train,
-    trainer_args,
-)
+from polm.training import save_trained, scratch_dir, train, trainer_args
 
 STAGE = "align.grpo"
 FORMATS = {
@@ -108,31 +101,23 @@ def run(inputs: list[Checkpoint], settings: GRPOSettings, out: Path) -> Checkpoi
     import torch
     from datasets import Dataset
 
-    from polm.loading import is_reward_model, load_model
+    from polm.loading import load_model
     from polm.tasks import render
 
-    if len(inputs) not in (1, 2):
-        raise PolmError(f"{STAGE} takes a policy and optionally a reward model, got {len(inputs)}.")
-    policy = inputs[0]
-    policy.require_format("hf", stage=STAGE)
-    require_policy(policy, STAGE)
-    if len(inputs) == 2 and not is_reward_model(inputs[1]):
-        raise PolmError(
-            f"{STAGE}: the second input must be a reward model (made by align.reward); "
-            f"{inputs[1].path} is {inputs[1].stage} [{inputs[1].format}]."
-        )
+    policy, reward_ckpt = policy_and_reward(inputs, STAGE)
     s = settings
-    tasks = [s.task] if isinstance(s.task, str) else list(s.task)
     rows = [
-        {**row, "task": t} for t in tasks for row in render(t, "train", "prompt_only", s.n_train)
+        {**row, "task": t}
+        for t in task_names(s.task)
+        for row in render(t, "train", "prompt_only", s.n_train)
     ]
     dataset = Dataset.from_list(rows).shuffle(seed=s.seed)
     reward_funcs, weights = [correctness], [1.0]
     if s.format_reward > 0:
         reward_funcs.append(well_formed)
         weights.append(s.format_reward)
-    if len(inputs) == 2:
-        reward_funcs.append(reward_model_scorer(inputs[1]))
+    if reward_ckpt is not None:
+        reward_funcs.append(reward_model_scorer(reward_ckpt))
         weights.append(1.0)
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(policy)

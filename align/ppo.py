@@ -44,7 +44,8 @@ from polm import progress
 from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
 from polm.precision import Bf16
-from polm.training import TRAIN_LOG, DataSettings, require_policy
+from polm.stage import DataSettings, Prompt, left_padded_positions, load_prompts, policy_and_reward
+from polm.training import TRAIN_LOG
 
 STAGE = "align.ppo"
 
@@ -245,17 +246,12 @@ def _value_model(lm):
             out = self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                position_ids=positions(attention_mask),
+                position_ids=left_padded_positions(attention_mask),
                 output_hidden_states=True,
             )
             return out.logits, self.v_head(out.hidden_states[-1]).squeeze(-1)
 
     return PolicyWithValueHead(lm)
-
-
-def positions(attention_mask):
-    """Position ids that start at 0 on the first real token of a left-padded row."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def token_logprobs(logits, tokens, temperature: float):
@@ -267,34 +263,6 @@ def token_logprobs(logits, tokens, temperature: float):
 
 
 # --- the stage --------------------------------------------------------------------------------
-
-
-@dataclass
-class Prompt:
-    messages: list[dict]
-    task: str | None = None
-    example: object = None  # the task Example (verifier) when the prompt is a built-in one
-
-
-def _prompts(s: PPOSettings, split: str, n: int | None) -> list[Prompt]:
-    from polm.data import check_columns, load_dataset_source
-    from polm.tasks import get_task
-
-    if s.task is not None:
-        tasks = [s.task] if isinstance(s.task, str) else list(s.task)
-        return [
-            Prompt([{"role": "user", "content": ex.prompt}], t, ex)
-            for t in tasks
-            for ex in get_task(t).examples(split, n)
-        ]
-    if split == "test":
-        return []  # a user's prompt file has no held-out split of ours
-    ds = load_dataset_source(s.dataset, n)
-    check_columns(ds, s.dataset, [{"prompt"}])
-    rows = []
-    for p in ds["prompt"]:
-        rows.append(Prompt(p if isinstance(p, list) else [{"role": "user", "content": p}]))
-    return rows
 
 
 class Scorer:
@@ -375,7 +343,7 @@ class Rollouts:
             ref_logits = ref(
                 input_ids=self.input_ids,
                 attention_mask=self.attention_mask,
-                position_ids=positions(self.attention_mask),
+                position_ids=left_padded_positions(self.attention_mask),
             ).logits
             self.ref_logp = token_logprobs(
                 ref_logits[:, width - 1 : -1], self.tokens, s.temperature
@@ -449,20 +417,10 @@ def run(inputs: list[Checkpoint], settings: PPOSettings, out: Path) -> Checkpoin
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from polm.loading import is_reward_model, load_model
+    from polm.loading import load_model
 
     s = settings
-    if len(inputs) not in (1, 2):
-        raise PolmError(f"{STAGE} takes a policy and optionally a reward model, got {len(inputs)}.")
-    policy_ckpt = inputs[0]
-    policy_ckpt.require_format("hf", stage=STAGE)
-    require_policy(policy_ckpt, STAGE)
-    reward_ckpt = inputs[1] if len(inputs) == 2 else None
-    if reward_ckpt is not None and not is_reward_model(reward_ckpt):
-        raise PolmError(
-            f"{STAGE}: the second input must be a reward model (made by align.reward); "
-            f"{reward_ckpt.path} is {reward_ckpt.stage} [{reward_ckpt.format}]."
-        )
+    policy_ckpt, reward_ckpt = policy_and_reward(inputs, STAGE)
     if s.reward == "model" and reward_ckpt is None:
         raise PolmError(f"{STAGE}: reward: model needs a reward model as the second input.")
     if reward_ckpt is None and s.task is None:
@@ -473,8 +431,8 @@ def run(inputs: list[Checkpoint], settings: PPOSettings, out: Path) -> Checkpoin
 
     random.seed(s.seed)
     torch.manual_seed(s.seed)
-    train_prompts = _prompts(s, "train", s.n_train)
-    eval_prompts = _prompts(s, "test", s.eval_prompts or None)[: s.eval_prompts]
+    train_prompts = load_prompts(s.task, s.dataset, "train", s.n_train)
+    eval_prompts = load_prompts(s.task, s.dataset, "test", s.eval_prompts or None)[: s.eval_prompts]
     lm, tokenizer = load_model(policy_ckpt)
     ref = copy.deepcopy(lm).eval().requires_grad_(False)
     policy = _value_model(lm)

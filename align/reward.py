@@ -15,15 +15,8 @@ from pydantic import Field
 
 from polm.checkpoint import Checkpoint
 from polm.preference import preference_dataset
-from polm.training import (
-    DataSettings,
-    save_trained,
-    scratch_dir,
-    single_input,
-    task_examples,
-    train,
-    trainer_args,
-)
+from polm.stage import DataSettings, single_input
+from polm.training import save_trained, scratch_dir, task_examples, train, trainer_args
 
 STAGE = "align.reward"
 

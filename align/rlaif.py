@@ -33,7 +33,8 @@ from pydantic import Field
 from align.dpo import DPOSettings, build_trainer
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
-from polm.training import require_policy, save_trained, scratch_dir, train
+from polm.stage import load_prompts, require_policy
+from polm.training import save_trained, scratch_dir, train
 
 STAGE = "align.rlaif"
 PAIRS_FILE = "rlaif_pairs.jsonl"
@@ -71,25 +72,6 @@ class RLAIFSettings(DPOSettings):
         description="Weight of the SFT term on the chosen answers (see align.dpo); without it "
         "DPO on the policy's own samples lowered accuracy (20.5% -> 14.5% on add).",
     )
-
-
-def _prompts(s: RLAIFSettings):
-    """(prompt text, task name or None, Example or None) for every prompt to label."""
-    from polm.data import check_columns, load_dataset_source
-    from polm.tasks import get_task
-
-    if s.task is not None:
-        tasks = [s.task] if isinstance(s.task, str) else list(s.task)
-        return [
-            (ex.prompt, t, ex) for t in tasks for ex in get_task(t).examples("train", s.n_train)
-        ]
-    ds = load_dataset_source(s.dataset, s.n_train)
-    check_columns(ds, s.dataset, [{"prompt"}])
-    rows = []
-    for p in ds["prompt"]:
-        text = p if isinstance(p, str) else next(m["content"] for m in p if m["role"] == "user")
-        rows.append((text, None, None))
-    return rows
 
 
 class Judge:
@@ -161,12 +143,12 @@ def label_pairs(policy, tokenizer, judge: Judge, s: RLAIFSettings) -> tuple[list
     from polm.refine import CRITICS, self_refine
     from polm.tasks import get_task
 
-    prompts = _prompts(s)
+    prompts = load_prompts(s.task, s.dataset, "train", s.n_train)
     torch.manual_seed(s.seed)
     samples = sample_generate(
         policy,
         tokenizer,
-        [p for p, _, _ in prompts],
+        [p.text for p in prompts],
         2,
         s.temperature,
         max_new_tokens=s.max_completion_length,
@@ -174,13 +156,13 @@ def label_pairs(policy, tokenizer, judge: Judge, s: RLAIFSettings) -> tuple[list
     first = [x[0] for x in samples]
     second = [x[1] for x in samples]
     if s.refine_rounds:
-        for task in {t for _, t, _ in prompts if t in CRITICS}:
-            idx = [i for i, (_, t, _) in enumerate(prompts) if t == task]
+        for task in {p.task for p in prompts if p.task in CRITICS}:
+            idx = [i for i, p in enumerate(prompts) if p.task == task]
             traces = self_refine(
                 policy,
                 tokenizer,
                 task,
-                [prompts[i][2] for i in idx],
+                [prompts[i].example for i in idx],
                 s.refine_rounds,
                 [second[i] for i in idx],
             )
@@ -188,13 +170,13 @@ def label_pairs(policy, tokenizer, judge: Judge, s: RLAIFSettings) -> tuple[list
                 second[i] = tr.answers[-1]
     keep = [i for i in range(len(prompts)) if first[i].strip() != second[i].strip()]
     margins = judge.margins(
-        [prompts[i][0] for i in keep], [first[i] for i in keep], [second[i] for i in keep]
+        [prompts[i].text for i in keep], [first[i] for i in keep], [second[i] for i in keep]
     )
     rows, decisive, agree = [], 0, 0
     for i, m in zip(keep, margins):
         if abs(m) <= s.min_margin:
             continue
-        q, task, ex = prompts[i]
+        q, task, ex = prompts[i].text, prompts[i].task, prompts[i].example
         chosen, rejected = (first[i], second[i]) if m > 0 else (second[i], first[i])
         row = {
             "prompt": [{"role": "user", "content": q}],

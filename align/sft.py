@@ -24,16 +24,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from polm.checkpoint import Checkpoint
+from polm.stage import DataSettings, single_input
 from polm.tasks import validate_task_names
-from polm.training import (
-    DataSettings,
-    save_trained,
-    scratch_dir,
-    single_input,
-    task_examples,
-    train,
-    trainer_args,
-)
+from polm.training import save_trained, scratch_dir, task_examples, train, trainer_args
 
 STAGE = "align.sft"
 SELF = "self:"  # replay source: the input model's own answers to a built-in task's prompts
@@ -113,8 +106,7 @@ def build_dataset(s: SFTSettings, answer=None):
     from polm.data import check_columns, load_dataset_source, task_dataset
 
     if s.task is not None:
-        tasks = [s.task] if isinstance(s.task, str) else list(s.task)
-        ds = task_dataset(tasks, "messages", task_examples(s), s.seed)
+        ds = task_dataset(s.tasks, "messages", task_examples(s), s.seed)
     else:
         ds = load_dataset_source(s.dataset, s.n_train)
         check_columns(ds, s.dataset, FORMATS)

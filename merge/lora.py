@@ -27,16 +27,16 @@ quantized base (GPTQ, 1-bit), whose weights cannot absorb a float update without
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from merge.mergekit import TOKENIZER_FILES, check_finite
+from merge.mergekit import check_finite
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
 from polm.settings import StageSettings
+from polm.stage import carry_files
 
 STAGE = "merge.lora"
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # TIES / DARE task arithmetic
@@ -243,9 +243,7 @@ def run(inputs: list[Checkpoint], settings: LoraMergeSettings, out: Path) -> Che
             model.save_pretrained(st.dir, safe_serialization=True)
         else:
             model.save_pretrained(st.dir, selected_adapters=["default"], safe_serialization=True)
-        for f in TOKENIZER_FILES:
-            if (base.path / f).is_file():
-                shutil.copy2(base.path / f, st.dir / f)
+        carry_files(base.path, st.dir)
         check_finite(st.dir, STAGE)
         metrics = {
             "merge.base": base.path.name,

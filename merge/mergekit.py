@@ -31,7 +31,6 @@ Yadav et al. 2023 (TIES), Yu et al. 2024 (DARE), Jang et al. 2024 (model stock),
 from __future__ import annotations
 
 import difflib
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from polm.checkpoint import Checkpoint, shared_ancestor, staging
 from polm.errors import PolmError
 from polm.settings import StageSettings, check_choice
+from polm.stage import carry_files
 
 STAGE = "merge.mergekit"
 
@@ -63,13 +63,6 @@ METHODS = (
     "sce",
     "nearswap",
     "arcee_fusion",
-)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
 )
 
 
@@ -289,10 +282,7 @@ def run(inputs: list[Checkpoint], settings: MergekitSettings, out: Path) -> Chec
         except (RuntimeError, ValueError, KeyError) as e:
             raise PolmError(f"{STAGE}: mergekit failed on {s.merge_method}: {e}") from e
         if s.tokenizer_source is None:
-            src = used[0].path
-            for name in TOKENIZER_FILES:
-                if (src / name).is_file():
-                    shutil.copy2(src / name, st.dir / name)
+            carry_files(used[0].path, st.dir)
         check_finite(st.dir)
         return st.commit(
             stage=STAGE,

@@ -36,17 +36,17 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from merge import mergekit
-from merge.mergekit import TOKENIZER_FILES, check_finite
+from merge.mergekit import check_finite
 from polm.checkpoint import Checkpoint, shared_ancestor
 from polm.errors import PolmError
 from polm.settings import StageSettings, check_choice
+from polm.stage import carry_files
 from polm.tasks import get_task, validate_task_names
 
 STAGE = "merge.moe"
@@ -438,9 +438,7 @@ def run(inputs: list[Checkpoint], settings: MoESettings, out: Path) -> Checkpoin
     with staging(out) as st:
         torch.manual_seed(s.seed)  # random gates and noise
         build(cfg, st.dir, allow_all_same=upcycling)
-        for name in TOKENIZER_FILES:
-            if (base.path / name).is_file():
-                shutil.copy2(base.path / name, st.dir / name)
+        carry_files(base.path, st.dir)
         metrics = {"moe.base": base.path.name, "moe.experts": names}
         if s.router_fit_steps:
             texts = [

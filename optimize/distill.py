@@ -25,27 +25,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
-from polm.training import (
-    DataSettings,
-    require_policy,
-    save_trained,
-    scratch_dir,
-    train,
-    trainer_args,
-)
+from polm.stage import DataSettings, left_padded_positions, require_policy, with_parent_data
 
 STAGE = "optimize.distill"
 
 
 class KDSettings(DataSettings):
     """The distillation loss and where its completions come from (also the recovery training
-    of ``optimize.onebit``); generation and on-policy names follow TRL's GKDConfig."""
+    of ``optimize.onebit``); generation and on-policy names follow TRL's GKDConfig. Without
+    `task` or `dataset`, the teacher's own training data, from its lineage."""
+
+    data_from_lineage: ClassVar[bool] = True
 
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         default="forward_kl",
@@ -242,8 +238,7 @@ def build_dataset(s: KDSettings):
     from polm.data import check_columns, load_dataset_source, task_dataset
 
     if s.task is not None:
-        tasks = [s.task] if isinstance(s.task, str) else list(s.task)
-        ds = task_dataset(tasks, "messages", s.n_train, s.seed)
+        ds = task_dataset(s.tasks, "messages", s.n_train, s.seed)
     else:
         ds = load_dataset_source(s.dataset, s.n_train)
         accepted = [{"messages"}, {"prompt", "completion"}]
@@ -308,8 +303,11 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             s = self.settings
             mask = inputs["attention_mask"]
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left-padded batches
-            feed = dict(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions)
+            feed = dict(
+                input_ids=inputs["input_ids"],
+                attention_mask=mask,
+                position_ids=left_padded_positions(mask),  # GKD's batches are left-padded
+            )
             student = model(**feed)
             self.teacher_model.eval()
             with torch.no_grad():
@@ -336,6 +334,8 @@ def _trainer_class():
 
 def make_trainer(student, teacher, tokenizer, dataset, s: KDSettings, out: Path, inputs):
     """A GKD trainer that distills ``teacher`` into ``student`` with polm's loss."""
+    from polm.training import scratch_dir, trainer_args
+
     teacher.eval()
     args = _import_gkd().GKDConfig(
         **trainer_args(s, scratch_dir(out, s, inputs)),
@@ -360,9 +360,10 @@ def run(inputs: list[Checkpoint], settings: DistillSettings, out: Path) -> Check
     import torch
 
     from polm.loading import load_model
+    from polm.training import save_trained, train
 
-    s = settings
-    teacher_ckpt, student_ckpt = check_inputs(inputs, s)
+    teacher_ckpt, student_ckpt = check_inputs(inputs, settings)
+    s, data_note = with_parent_data(settings, teacher_ckpt, STAGE, "prompts to distill on")
     dataset = build_dataset(s)
     torch.manual_seed(s.seed)
     teacher, tokenizer = load_model(teacher_ckpt)
@@ -371,7 +372,7 @@ def run(inputs: list[Checkpoint], settings: DistillSettings, out: Path) -> Check
     else:
         student = derive_student(teacher, s)
     trainer = make_trainer(student, teacher, tokenizer, dataset, s, out, inputs)
-    metrics = train(trainer)
+    metrics = train(trainer) | data_note
     metrics["distill.teacher_params"] = sum(p.numel() for p in teacher.parameters())
     metrics["distill.student_layers"] = student.config.num_hidden_layers
     params = list(student.parameters())

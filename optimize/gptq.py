@@ -27,12 +27,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from polm.checkpoint import (
     DTYPE_BYTES,
@@ -43,22 +42,17 @@ from polm.checkpoint import (
     tensor_specs,
 )
 from polm.errors import PolmError
-from polm.settings import StageSettings
-from polm.tasks import validate_task_names
-from polm.training import single_input
+from polm.stage import TaskOrDataset, carry_files, single_input, with_parent_data
 
 STAGE = "optimize.gptq"
-KEEP_FROM_PARENT = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
 
 
-class GPTQSettings(StageSettings):
-    """Settings of ``optimize.gptq``; quantization fields use GPTQModel's QuantizeConfig names."""
+class GPTQSettings(TaskOrDataset):
+    """Settings of ``optimize.gptq``; quantization fields use GPTQModel's QuantizeConfig names.
+    Calibration data: `task` (built-in; its train chats) or `dataset` (text, messages or
+    prompt/completion rows); with neither, the data the parent was trained on (lineage)."""
+
+    data_from_lineage: ClassVar[bool] = True
 
     bits: Literal[2, 3, 4, 8] = Field(default=4, description="Bits per quantized weight.")
     group_size: int = Field(
@@ -74,18 +68,9 @@ class GPTQSettings(StageSettings):
     damp_percent: float = Field(
         default=0.05, gt=0, lt=1, description="Hessian dampening, a fraction of its mean diagonal."
     )
-    task: str | list[str] | None = Field(
-        default=None, description="Built-in task(s) whose train chats calibrate."
-    )
-    dataset: str | None = Field(
-        default=None,
-        description="Local calibration data instead: text, messages or prompt/completion rows.",
-    )
     n_calibration: int = Field(default=256, gt=0, description="Calibration samples.")
     batch_size: int = Field(default=16, gt=0, description="Calibration batch size.")
     seed: int = Field(default=0, description="Which calibration samples are drawn.")
-
-    _known_tasks = field_validator("task")(validate_task_names)
 
     @field_validator("group_size")
     @classmethod
@@ -93,14 +78,6 @@ class GPTQSettings(StageSettings):
         if v != -1 and v <= 0:
             raise ValueError("group_size must be positive, or -1 for one group per row")
         return v
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.task is None) == (self.dataset is None):
-            raise ValueError(
-                "give exactly one calibration source: `task` (built-in) or `dataset` (local file)"
-            )
-        return self
 
 
 def _gptqmodel():
@@ -126,8 +103,7 @@ def calibration_texts(s: GPTQSettings, tokenizer) -> list[str]:
     from polm.tasks import render
 
     if s.task is not None:
-        tasks = [s.task] if isinstance(s.task, str) else list(s.task)
-        rows = [r for t in tasks for r in render(t, "train", "messages")]
+        rows = [r for t in s.tasks for r in render(t, "train", "messages")]
     else:
         ds = load_dataset_source(s.dataset)
         check_columns(ds, s.dataset, [{"text"}, {"messages"}, {"prompt", "completion"}])
@@ -219,8 +195,8 @@ def run(inputs: list[Checkpoint], settings: GPTQSettings, out: Path) -> Checkpoi
 
     from polm.loading import load_model, load_tokenizer
 
-    s = settings
     parent = single_input(inputs, STAGE, "hf")
+    s, data_note = with_parent_data(settings, parent, STAGE, "calibration data")
     tokenizer = load_tokenizer(parent.path)
     texts = calibration_texts(s, tokenizer)
     routed = None
@@ -258,10 +234,9 @@ def run(inputs: list[Checkpoint], settings: GPTQSettings, out: Path) -> Checkpoi
                 q.save(str(st.dir))
         except (ValueError, NotImplementedError, TypeError) as e:
             raise PolmError(f"{STAGE}: GPTQModel could not quantize {parent.path}: {e}") from None
-        for name in KEEP_FROM_PARENT:  # GPTQModel rewrites these (e.g. do_sample: true)
-            if (parent.path / name).is_file():
-                shutil.copy2(parent.path / name, st.dir / name)
+        carry_files(parent.path, st.dir)  # GPTQModel rewrites these (e.g. do_sample: true)
         metrics = quantized_layer_stats(st.dir, s.bits) | {"params": stored_params(parent.path)}
+        metrics |= data_note
         metrics["gptq.calibration_samples"] = len(texts)
         if routed is not None:
             metrics["gptq.expert_tokens"] = routed

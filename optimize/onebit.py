@@ -22,12 +22,12 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from optimize.distill import KDSettings, build_dataset, make_trainer
 from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
-from polm.training import single_input, train
+from polm.stage import single_input, with_parent_data
 
 STAGE = "optimize.onebit"
 
@@ -50,17 +50,6 @@ class OneBitSettings(KDSettings):
         description="Held-out examples per task on which the quantized model is scored before "
         "recovery (0: skip); the recipe's eval suite scores the output.",
     )
-
-    @model_validator(mode="after")
-    def _one_source(self):  # replaces DataSettings' check: data is needed for recovery only
-        if self.task is not None and self.dataset is not None:
-            raise ValueError("give one of `task` (built-in) or `dataset` (local file), not both")
-        if self.recovery and self.task is None and self.dataset is None:
-            raise ValueError(
-                "recovery trains on data: give `task` (built-in) or `dataset` (local file), "
-                "or set recovery: false"
-            )
-        return self
 
 
 def _ste(latent, quantized):
@@ -174,13 +163,12 @@ def packed_tensors(model, names: list[str], method: str) -> dict:
 def _before_recovery(model, tokenizer, s: OneBitSettings) -> dict:
     from polm.evaluate import accuracy
 
-    if s.task is None or s.eval_n == 0:
+    if s.eval_n == 0:
         return {}
     model.eval()
-    tasks = [s.task] if isinstance(s.task, str) else s.task
     return {
         f"onebit.before_recovery.{t}.accuracy": accuracy(model, tokenizer, t, s.eval_n)["accuracy"]
-        for t in tasks
+        for t in s.tasks
     }
 
 
@@ -193,15 +181,19 @@ def run(inputs: list[Checkpoint], settings: OneBitSettings, out: Path) -> Checkp
     from polm.loading import load_model
     from polm.onebit import CONFIG_KEY, WEIGHTS, packed_stats
 
-    s = settings
     parent_ckpt = single_input(inputs, STAGE, "hf")
+    s, metrics = settings, {}
+    if s.recovery:  # recovery trains: on the given data, else the parent's (lineage)
+        s, metrics = with_parent_data(s, parent_ckpt, STAGE, "data for recovery training")
     dataset = build_dataset(s) if s.recovery else None
     torch.manual_seed(s.seed)
     parent, tokenizer = load_model(parent_ckpt)
     student = copy.deepcopy(parent)
     names = quantize_model(student, s.method)
-    metrics = _before_recovery(student, tokenizer, s)
+    metrics |= _before_recovery(student, tokenizer, s)
     if s.recovery:
+        from polm.training import train
+
         student.train()
         trainer = make_trainer(student, parent, tokenizer, dataset, s, out, inputs)
         metrics |= train(trainer)

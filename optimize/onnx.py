@@ -32,11 +32,11 @@ from pydantic import Field, field_validator, model_validator
 from polm.checkpoint import Checkpoint, staging, stored_params
 from polm.errors import PolmError
 from polm.settings import StageSettings
+from polm.stage import load_prompts, single_input
 from polm.tasks import validate_task_names
-from polm.training import single_input
 
 STAGE = "optimize.onnx"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+BUILDER_READS = ("tokenizer.json", "tokenizer_config.json")  # of the tokenizer files
 
 
 class OnnxSettings(StageSettings):
@@ -155,10 +155,8 @@ def parity(parent: Checkpoint, path: Path, s: OnnxSettings) -> dict:
     from polm.evaluate import chat_prompt, greedy_generate
     from polm.loading import load_model
     from polm.onnxrt import OnnxLM
-    from polm.tasks import get_task
 
-    tasks = [s.task] if isinstance(s.task, str) else list(s.task)
-    prompts = [e.prompt for t in tasks for e in get_task(t).examples("test", s.parity_n)]
+    prompts = [p.text for p in load_prompts(s.task, None, "test", s.parity_n)]
     model, tokenizer = load_model(parent)
     lm = OnnxLM(path)
     ours = lm.greedy(prompts, s.max_new_tokens)
@@ -191,7 +189,7 @@ def run(inputs: list[Checkpoint], settings: OnnxSettings, out: Path) -> Checkpoi
 
     s = settings
     parent = single_input(inputs, STAGE, "hf")
-    missing = [f for f in TOKENIZER_FILES if not (parent.path / f).is_file()]
+    missing = [f for f in BUILDER_READS if not (parent.path / f).is_file()]
     if missing:
         raise PolmError(
             f"{STAGE}: {parent.path} has no {', '.join(missing)}; the builder exports the "

@@ -371,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+
+    # polm's own notes (a resumed run, data taken from the lineage): on screen with -v, in the
+    # stage's log file otherwise
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("polm: %(message)s"))
+    logging.getLogger("polm").addHandler(handler)
+    logging.getLogger("polm").setLevel(logging.INFO)
     if not args.verbose:
         from polm.progress import quiet_libraries
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from polm.checkpoint import Checkpoint, check_safetensors, staging
 from polm.errors import PolmError
+from polm.stage import CARRIED_FILES
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTINS = {
@@ -22,19 +23,7 @@ BUILTINS = {
     "tiny-qwen2": "a randomly initialised tiny Qwen2 with the built-in tokenizer",
     "tiny-mistral": "a randomly initialised tiny Mistral with the built-in tokenizer",
 }
-HF_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "model.safetensors.index.json",
-)
+HF_FILES = ("config.json", *CARRIED_FILES, "model.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

@@ -92,10 +92,10 @@ def preference_dataset(task, dataset, n_train, seed):
     from datasets import Dataset
 
     from polm.data import check_columns, load_dataset_source
+    from polm.stage import task_names
 
     if task is not None:
-        tasks = [task] if isinstance(task, str) else list(task)
-        rows = [r for t in tasks for r in preference_pairs(t, "train", n_train)]
+        rows = [r for t in task_names(task) for r in preference_pairs(t, "train", n_train)]
         return Dataset.from_list(rows).shuffle(seed=seed)
     ds = load_dataset_source(dataset, n_train)
     check_columns(ds, dataset, [{"prompt", "chosen", "rejected"}, {"chosen", "rejected"}])

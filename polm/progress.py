@@ -123,8 +123,7 @@ def _redirected(log_path: Path):
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
-        for name in NOISY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+        _at_least(logging.WARNING)
         try:
             yield
         finally:
@@ -169,5 +168,13 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    _at_least(logging.WARNING)
+
+
+def _at_least(level: int) -> None:
+    """Raise the noisy libraries' log levels to ``level``; never lower one (polm silences
+    torchao's CUDA-kernel warnings altogether)."""
     for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logger = logging.getLogger(name)
+        if logger.level < level:
+            logger.setLevel(level)

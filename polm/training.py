@@ -1,5 +1,6 @@
-"""What every training stage shares: the common TRL / transformers settings, the trainer
-arguments built from them, the training summary, and writing the trained model.
+"""Trainer code every training stage shares: the trainer arguments built from the common
+settings (``polm.stage.TrainingSettings``), scratch space and resuming, the training summary,
+and writing the trained model.
 
 Stages stay one file each (``align/sft.py``, ``align/dpo.py``, ...): they choose a TRL trainer
 and its own settings; this module keeps CPU/GPU placement, seeding, determinism, scratch space
@@ -17,92 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
-
 from polm import progress
 from polm.checkpoint import Checkpoint, staging
-from polm.precision import Bf16, resolve_bf16
 from polm.settings import StageSettings
-from polm.tasks import validate_task_names
+from polm.stage import DataSettings, TrainingSettings
 
 log = logging.getLogger("polm")
 TRAIN_LOG = "train_log.json"  # the trainer's log history (loss, lr, rewards per logged step)
-
-
-class TrainingSettings(StageSettings):
-    """Fields every training stage takes, under TRL / transformers names."""
-
-    num_train_epochs: float = Field(
-        default=1.0,
-        gt=0,
-        description="Epochs over the data.",
-        validation_alias=AliasChoices("num_train_epochs", "epochs"),
-    )
-    max_steps: int = Field(
-        default=-1, description="Stop after this many optimizer steps (overrides epochs when > 0)."
-    )
-    learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
-    per_device_train_batch_size: int = Field(default=32, gt=0, description="Batch per process.")
-    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Accumulated batches.")
-    lr_scheduler_type: str = Field(default="cosine", description="transformers scheduler name.")
-    warmup_steps: float = Field(
-        default=0.05, ge=0, description="Warm-up steps, or a fraction of all steps when < 1."
-    )
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
-    max_length: int = Field(default=256, gt=0, description="Truncate sequences to this length.")
-    bf16: Bf16 = Field(
-        default="auto",
-        validate_default=True,
-        description="bf16 autocast, weights stay fp32. auto (recorded as the value it "
-        "resolved to): on where the hardware computes bf16 natively (AMX / AVX512_BF16 CPUs, "
-        "bf16 GPUs), off elsewhere, where emulated bf16 was 17x slower than fp32 (measured).",
-    )
-    gradient_checkpointing: bool = Field(
-        default=False,
-        description="Recompute activations to save memory (TRL turns it on by default; it "
-        "slows small models and drops prefix tuning's key/value prefix).",
-    )
-    logging_steps: int = Field(default=25, gt=0, description="Log the loss every N steps.")
-    save_steps: int | None = Field(
-        default=None,
-        gt=0,
-        description="Save a resumable trainer state (weights as safetensors; optimizer, "
-        "scheduler and RNG states loaded back with torch's weights-only loader) every N steps "
-        "beside the output; re-running the same stage with the same inputs and settings "
-        "resumes from the last one and gives the same losses as an uninterrupted run.",
-    )
-    seed: int = Field(default=0, description="Seed for init, shuffling and dropout.")
-
-    _bf16 = field_validator("bf16")(resolve_bf16)
-
-
-class DataSettings(TrainingSettings):
-    """Training settings plus where the data comes from: a built-in task or a local file."""
-
-    task: str | list[str] | None = Field(
-        default=None,
-        description="Built-in task(s) to train on, e.g. add or [add, reverse] (their examples, "
-        "preference pairs or prompts, as the stage needs).",
-    )
-    dataset: str | None = Field(
-        default=None,
-        description="Local data in the TRL format the stage takes: JSONL/JSON/CSV/parquet/text "
-        "file or a saved datasets dir (builtin:prose: plain text). Used instead of `task`.",
-    )
-    n_train: int | None = Field(
-        default=None,
-        gt=0,
-        description="Use the first N examples (per task) only. Default: all of them, or with "
-        "`max_steps` set, as many as those steps use (built-in tasks).",
-    )
-
-    _known_tasks = field_validator("task")(validate_task_names)
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.task is None) == (self.dataset is None):
-            raise ValueError("give exactly one of `task` (built-in) or `dataset` (local file)")
-        return self
 
 
 def task_examples(s: DataSettings) -> int | None:
@@ -115,33 +37,6 @@ def task_examples(s: DataSettings) -> int | None:
         return s.n_train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return s.max_steps * s.per_device_train_batch_size * s.gradient_accumulation_steps * world
-
-
-def single_input(
-    inputs: list[Checkpoint], stage: str, *formats: str, causal_lm: bool = True
-) -> Checkpoint:
-    """The one input of a single-model stage, refused before any load if its format is wrong
-    (or, for stages that train a language model, if it is a reward model)."""
-    from polm.errors import PolmError
-
-    if len(inputs) != 1:
-        raise PolmError(f"{stage} takes one input model, got {len(inputs)}.")
-    inputs[0].require_format(*(formats or ("hf",)), stage=stage)
-    if causal_lm:
-        require_policy(inputs[0], stage)
-    return inputs[0]
-
-
-def require_policy(ckpt: Checkpoint, stage: str) -> None:
-    """Refuse a reward model (sequence-classification head) where a causal LM is expected."""
-    from polm.errors import PolmError
-    from polm.loading import is_reward_model
-
-    if is_reward_model(ckpt):
-        raise PolmError(
-            f"{stage} trains a causal language model, but {ckpt.path} is a reward model "
-            f"(made by {ckpt.stage}); give the policy checkpoint instead."
-        )
 
 
 RESUME_PREFIX = "resume-"

@@ -16,6 +16,7 @@ import threading
 import time
 
 from polm.loading import load_model
+from polm.stage import left_padded_positions
 from serve.backends.base import GenParams, Job, TokenBackend, deliver
 
 
@@ -112,7 +113,7 @@ class TransformersBackend(TokenBackend):
             ids[i, width - n :] = torch.tensor(j.prompt_ids)
             mask[i, width - n :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = left_padded_positions(mask)
         gens = [_generator(j.params) for j in batch]
         made = [0] * len(batch)
         from transformers import DynamicCache

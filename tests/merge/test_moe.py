@@ -210,14 +210,12 @@ def test_upcycling_with_hidden_gates_takes_a_task_per_copy(base_ckpt, tmp_path):
 def test_a_qwen2_base_gives_a_qwen2_moe(base_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from merge.mergekit import TOKENIZER_FILES
     from polm.importer import import_model
     from polm.models import tiny_model
+    from polm.stage import carry_files
 
     tiny_model("qwen2").save_pretrained(tmp_path / "src")
-    for name in TOKENIZER_FILES:
-        if (base_ckpt.path / name).is_file():
-            shutil.copy2(base_ckpt.path / name, tmp_path / "src" / name)
+    carry_files(base_ckpt.path, tmp_path / "src")
     qwen = import_model(str(tmp_path / "src"), tmp_path / "qwen")
     s = MoESettings(num_experts=2, gate_mode="random", architecture="qwen", noise_scale=0.01)
     out = moe([qwen], s, tmp_path / "m")

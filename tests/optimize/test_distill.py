@@ -149,8 +149,7 @@ def test_half_depth_student_distilled_on_prompts_alone_reaches_the_teacher(add_s
 
     teacher = evaluate_checkpoint(add_sft, ["add"], n=200, with_perplexity=False)
     teacher_model, tokenizer = load_model(add_sft)
-    settings = DistillSettings(
-        task="add",
+    settings = DistillSettings(  # no task: the teacher's own, from its manifest
         student_layers="every_other",
         seq_kd=True,  # the teacher's greedy answers: the dataset's answers are never seen
         sampling_temperature=0,
@@ -159,6 +158,8 @@ def test_half_depth_student_distilled_on_prompts_alone_reaches_the_teacher(add_s
     )
     cut = accuracy(derive_student(teacher_model, settings).eval(), tokenizer, "add", 200)
     student = run([add_sft], settings, tmp_path / "student")
+    assert student.manifest.settings["task"] == "add"
+    assert student.manifest.metrics["data.from_lineage"].startswith("task add from align.sft")
     after = evaluate_checkpoint(student, ["add"], n=200, with_perplexity=False)
     t, c, a = teacher["eval.add.accuracy"], cut["accuracy"], after["eval.add.accuracy"]
     assert a >= 0.9 * t, (t, c, a)

@@ -26,7 +26,11 @@ def parent_accuracy(add_sft):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "bits,keep,extra",
-    [(4, 0.98, {}), (8, 0.97, {}), (3, 0.97, {"desc_act": True, "sym": False})],
+    [
+        (4, 0.98, {}),  # no task: the SFT's own (lineage first)
+        (8, 0.97, {"task": "add"}),
+        (3, 0.97, {"task": "add", "desc_act": True, "sym": False}),
+    ],
 )
 def test_gptq_keeps_accuracy_reloads_and_shrinks(
     bits, keep, extra, add_sft, parent_accuracy, tmp_path
@@ -35,10 +39,16 @@ def test_gptq_keeps_accuracy_reloads_and_shrinks(
 
     ckpt = run(
         [add_sft],
-        GPTQSettings(bits=bits, group_size=32, task="add", n_calibration=128, **extra),
+        GPTQSettings(bits=bits, group_size=32, n_calibration=128, **extra),
         tmp_path / "q",
     )
     assert ckpt.format == "gptq" and ckpt.manifest.parents[0].path == str(add_sft.path)
+    assert ckpt.manifest.settings["task"] == "add"
+    if "task" not in extra:  # taken from the parent's manifest, and said so
+        note = ckpt.manifest.metrics["data.from_lineage"]
+        assert note.startswith("task add from align.sft") and str(add_sft.path) in note
+    else:
+        assert "data.from_lineage" not in ckpt.manifest.metrics
     acc = evaluate_checkpoint(ckpt, ["add"], n=N, with_perplexity=False)["eval.add.accuracy"]
     assert acc >= keep * parent_accuracy, (bits, parent_accuracy, acc)
     m = ckpt.manifest.metrics
@@ -100,8 +110,11 @@ def test_an_expert_without_calibration_tokens_does_not_break_gptq(base_ckpt, tmp
 def test_settings_and_inputs_are_checked_before_loading(base_ckpt, tmp_path):
     with pytest.raises(ValidationError, match="bits"):
         GPTQSettings(bits=5, task="add")
-    with pytest.raises(ValidationError, match="exactly one calibration source"):
-        GPTQSettings(bits=4)
+    with pytest.raises(ValidationError, match="not both"):
+        GPTQSettings(bits=4, task="add", dataset="calib.jsonl")
+    # no data given, and the lineage has none to take: asked for, before any weights load
+    with pytest.raises(PolmError, match="needs calibration data.*records no training data"):
+        run([base_ckpt], GPTQSettings(bits=4), tmp_path / "nodata")
     with pytest.raises(ValidationError, match="group_size"):
         GPTQSettings(task="add", group_size=0)
     for fmt in ("peft-adapter", "onebit", "gptq"):

@@ -101,8 +101,8 @@ def test_plain_transformers_refuses_the_directory_instead_of_random_weights(plai
 
 
 def test_wrong_inputs_are_refused(base_ckpt, plain, tmp_path):
-    with pytest.raises(ValidationError, match="recovery trains on data"):
-        OneBitSettings(method="binary")
+    with pytest.raises(PolmError, match="needs data for recovery.*records no training data"):
+        run([base_ckpt], OneBitSettings(method="binary"), tmp_path / "nodata")
     with pytest.raises(ValidationError, match="method"):
         OneBitSettings(method="2bit", recovery=False)
     with pytest.raises(PolmError, match="expects a checkpoint of format 'hf'.*'onebit'"):
@@ -123,9 +123,12 @@ def test_recovery_brings_the_quantized_model_back_to_its_parent(method, add_sft,
     parent = evaluate_checkpoint(add_sft, ["add"], n=200, with_perplexity=False)
     ckpt = run(
         [add_sft],
-        OneBitSettings(method=method, task="add", max_steps=RECOVERY_STEPS, eval_n=200),
+        # no task: recovery trains on the SFT's own task, from its manifest
+        OneBitSettings(method=method, max_steps=RECOVERY_STEPS, eval_n=200),
         tmp_path / method,
     )
+    assert ckpt.manifest.settings["task"] == "add"
+    assert ckpt.manifest.metrics["data.from_lineage"].startswith("task add from align.sft")
     after = evaluate_checkpoint(ckpt, ["add"], n=200, with_perplexity=False)
     before = ckpt.manifest.metrics["onebit.before_recovery.add.accuracy"]
     p, b, a = parent["eval.add.accuracy"], before, after["eval.add.accuracy"]
