@@ -10,7 +10,7 @@ from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
 from polm.loading import load_model
-from tests.conftest import ADD_SFT_STEPS
+from tests.helpers import ADD_SFT_STEPS
 
 # Budgets are in steps, not seconds. Thresholds fail if training does nothing: the base
 # model scores <= 5% on add (tests/polm/test_eval.py).

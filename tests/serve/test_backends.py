@@ -8,7 +8,6 @@ import asyncio
 
 import httpx
 import pytest
-from openai import AsyncOpenAI
 
 from polm.errors import PolmError
 from polm.evaluate import greedy_generate
@@ -17,14 +16,14 @@ from polm.tasks import get_task
 from serve.app import build_app
 from serve.backends import TextStream, choose_backend
 from serve.state import ServerState, load_state
-from tests.conftest import onnx_int4, shared
+from tests.helpers import answers, shared
 
 pytestmark = pytest.mark.slow
 PROMPTS = [ex for ex in get_task("add").examples("test", 8)]
 
 
 @pytest.fixture(scope="module")
-def formats(add_sft, tmp_path_factory):
+def formats(add_sft, onnx_int4, tmp_path_factory):
     from merge.moe import MoESettings
     from merge.moe import run as moe
     from optimize.gptq import GPTQSettings
@@ -47,26 +46,8 @@ def formats(add_sft, tmp_path_factory):
                 [add_sft], MoESettings(num_experts=2, gate_mode="random", noise_scale=0.001), o
             ),
         ),
-        "onnx": onnx_int4(add_sft, tmp_path_factory),
+        "onnx": onnx_int4,
     }
-
-
-def client(state: ServerState) -> AsyncOpenAI:
-    transport = httpx.ASGITransport(app=build_app(state))
-    http = httpx.AsyncClient(transport=transport, base_url="http://polm.test/v1")
-    return AsyncOpenAI(base_url="http://polm.test/v1", api_key="-", http_client=http)
-
-
-async def answers(state: ServerState, prompts: list[str], **kw) -> list[str]:
-    c = client(state)
-
-    async def one(p):
-        r = await c.chat.completions.create(
-            model=state.model_id, messages=[{"role": "user", "content": p}], **kw
-        )
-        return r.choices[0].message.content
-
-    return await asyncio.gather(*(one(p) for p in prompts))
 
 
 def correct(task_answers: list[str]) -> int:

@@ -20,7 +20,7 @@ if importlib.util.find_spec("vllm") is None:
         "vLLM is not installed (pip install 'polm[vllm]' on a GPU machine)", allow_module_level=True
     )
 
-from tests.e2e.test_serve import MALFORMED, Server, chat, free_port  # noqa: E402
+from tests.helpers import MALFORMED, Server, chat, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
