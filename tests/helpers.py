@@ -117,9 +117,11 @@ def free_port() -> int:
 class Server:
     """`bentoml serve` of polm's service on a free port of 127.0.0.1; ``env`` becomes POLM_*
     variables (``model=DIR`` -> ``POLM_MODEL=DIR``). Fails with the server's log if it exits or
-    is not ready within 180 s."""
+    is not ready within ``ready_s`` seconds."""
 
-    def __init__(self, tmp: Path, target="serve.service:Polm", cwd=REPO, home=None, **env):
+    def __init__(
+        self, tmp: Path, target="serve.service:Polm", cwd=REPO, home=None, ready_s=180, **env
+    ):
         import httpx
         from openai import OpenAI
 
@@ -141,7 +143,7 @@ class Server:
             start_new_session=True,
         )
         self.readyz_codes = []
-        deadline = time.time() + 180
+        deadline = time.time() + ready_s
         while time.time() < deadline:
             assert self.proc.poll() is None, self.read_log()
             try:
