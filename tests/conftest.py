@@ -2,11 +2,10 @@
 
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import ADD_SFT_STEPS, ALL_DATA, build_onnx_int4, shared
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,33 +38,6 @@ def base_ckpt(tmp_path_factory):
     return import_model("builtin:tiny-base", tmp_path_factory.mktemp("models") / "base")
 
 
-def shared(tmp_path_factory, name: str, build):
-    """A checkpoint built once per test run and shared by the pytest-xdist workers (read-only
-    for tests): the first worker to ask builds it under a file lock, the others wait and open it."""
-    from filelock import FileLock
-
-    from polm.checkpoint import Checkpoint
-
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's directory, above each worker's own
-    if keep := os.environ.get("POLM_TEST_KEEP"):
-        # a developer's option (never CI's): keep built models across runs in this directory;
-        # delete it after changing what a fixture builds
-        root = Path(keep)
-    out = root / "shared" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if (out / "polm.json").exists():
-            return Checkpoint.open(out)
-        return build(out)
-
-
-# The shared SFT models train on the whole task split, as when the tests downstream (GRPO, DPO,
-# RLAIF, distillation) were calibrated; a capped run otherwise takes only the examples it uses.
-ALL_DATA = {"n_train": 20_000}
-
-
 @pytest.fixture(scope="session")
 def warm_sft(base_ckpt, tmp_path_factory):
     """A 120-step SFT on add: the answer format learned, ~20% exact match; the start for the
@@ -80,9 +52,6 @@ def warm_sft(base_ckpt, tmp_path_factory):
     )
 
 
-ADD_SFT_STEPS = 200
-
-
 @pytest.fixture(scope="session")
 def add_sft(base_ckpt, tmp_path_factory):
     """A 200-step full SFT on add (about 70% exact match): the SFT tests' subject and the
@@ -94,13 +63,10 @@ def add_sft(base_ckpt, tmp_path_factory):
     return shared(tmp_path_factory, "add_sft", lambda out: sft([base_ckpt], settings, out))
 
 
+@pytest.fixture(scope="session")
 def onnx_int4(add_sft, tmp_path_factory):
-    """The int4 ONNX export of ``add_sft`` (with a 100-prompt parity check), built once per run:
-    the ONNX tests' subject and the model the serving and edge tests serve."""
-    from optimize.onnx import OnnxSettings, run
-
-    s = OnnxSettings(precision="int4", task="add", parity_n=100)
-    return shared(tmp_path_factory, "onnx_int4", lambda out: run([add_sft], s, out))
+    """The int4 ONNX export of ``add_sft``, built once per run (read-only for tests)."""
+    return build_onnx_int4(add_sft, tmp_path_factory)
 
 
 @pytest.fixture
@@ -110,18 +76,3 @@ def base_copy(base_ckpt, tmp_path):
 
     shutil.copytree(base_ckpt.path, tmp_path / "base")
     return Checkpoint.open(tmp_path / "base")
-
-
-def polm_cli(*args, cwd=None, timeout=600):
-    """Run the real `polm` command line in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "polm.cli", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-    )
-
-
-REPO = Path(__file__).resolve().parents[1]

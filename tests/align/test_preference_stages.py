@@ -10,7 +10,7 @@ from align.sft import run as sft
 from polm.evaluate import completion_logprobs, evaluate_checkpoint
 from polm.loading import load_model
 from polm.preference import preference_pairs
-from tests.conftest import ALL_DATA
+from tests.helpers import ALL_DATA
 
 HELD_OUT = preference_pairs("add", "test", 500)
 

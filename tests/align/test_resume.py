@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from polm.checkpoint import MANIFEST, Checkpoint
 from polm.training import SAVED_MARKER, TRAIN_LOG
-from tests.conftest import polm_cli
+from tests.helpers import polm_cli
 
 STAGES = {
     "sft": ["task=add", "max_steps=24", "per_device_train_batch_size=8"],

@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
 from polm.loading import load_model
-from tests.conftest import ADD_SFT_STEPS
+from tests.helpers import ADD_SFT_STEPS
 
 # Budgets are in steps, not seconds. Thresholds fail if training does nothing: the base
 # model scores <= 5% on add (tests/polm/test_eval.py).
@@ -211,9 +212,39 @@ def test_sft_on_gpu_writes_a_cpu_loadable_checkpoint(base_ckpt, tmp_path):
 
 
 def test_loss_summary_with_fewer_steps_than_the_logging_interval(base_ckpt, tmp_path):
+    # 3 steps with a loss logged every 50: the trainer logs step 1 (logging_first_step) and, at
+    # the end, the run's average loss; the manifest's summary must carry exactly those values
     ckpt = sft([base_ckpt], tmp_path / "short", task="add", max_steps=3, logging_steps=50)
     m = ckpt.manifest.metrics
-    assert m["train.first_loss"] > 0 and m["train.last_loss"] > 0
+    log = json.loads((ckpt.path / "train_log.json").read_text())
+    assert [(h["step"], h["loss"]) for h in log if "loss" in h] == [(1, m["train.first_loss"])]
+    assert m["train.steps"] == 3 and log[-1]["step"] == 3
+    assert m["train.final_avg_loss"] == log[-1]["train_loss"]
+    # one logged loss: the last loss is the run's average, not step 1's loss again
+    assert m["train.last_loss"] == m["train.final_avg_loss"]
+    base_model, _ = load_model(base_ckpt)
+    vocab = base_model.config.vocab_size
+    for key in ("train.first_loss", "train.last_loss", "train.final_avg_loss"):
+        # finite, and below a uniform guess's loss: the base model already predicts its data
+        assert isinstance(m[key], float) and 0 < m[key] < math.log(vocab), (key, m[key])
+
+    # the same seed with a loss logged at every step is the ground truth: same first loss, the
+    # average is the mean of the three step losses and lies between them, the last is step 3's
+    every = sft([base_ckpt], tmp_path / "every", task="add", max_steps=3, logging_steps=1)
+    e = every.manifest.metrics
+    steps = json.loads((every.path / "train_log.json").read_text())
+    losses = [h["loss"] for h in steps if "loss" in h]
+    assert [h["step"] for h in steps if "loss" in h] == [1, 2, 3]
+    assert losses[0] == e["train.first_loss"] == m["train.first_loss"]
+    assert e["train.last_loss"] == losses[-1]
+    assert e["train.final_avg_loss"] == pytest.approx(sum(losses) / 3, rel=1e-6)
+    assert m["train.final_avg_loss"] == pytest.approx(e["train.final_avg_loss"], rel=1e-6)
+    assert min(losses) <= m["train.final_avg_loss"] <= max(losses)
+    assert (
+        m["train.trainable_params"]
+        == e["train.trainable_params"]
+        == sum(p.numel() for p in base_model.parameters())
+    )  # a full fine-tune trains every parameter
 
 
 def test_replay_mixes_the_share_asked_for_in_the_same_format():

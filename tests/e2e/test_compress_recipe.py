@@ -7,7 +7,7 @@ import json
 import yaml
 
 from polm.checkpoint import Checkpoint
-from tests.conftest import REPO, polm_cli
+from tests.helpers import REPO, polm_cli
 
 FORMATS = {
     "sft": "hf",

@@ -18,8 +18,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.conftest import REPO
-from tests.e2e.test_serve import free_port
+from tests.helpers import REPO, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # what the wheel is built from (pyproject.toml's packages and its readme)

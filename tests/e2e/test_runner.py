@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from polm.checkpoint import MANIFEST, Checkpoint
-from tests.conftest import REPO, polm_cli
+from tests.helpers import REPO, polm_cli
 
 pytestmark = pytest.mark.e2e
 

@@ -10,85 +10,26 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from openai import OpenAI
 
-from tests.conftest import REPO
+from tests.helpers import (
+    BENTOML,
+    CHAT,
+    LONG,
+    MALFORMED,
+    MAX_BODY,
+    MSG,
+    REPO,
+    Server,
+    chat,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-BENTOML = str(Path(sys.executable).with_name("bentoml"))
-MAX_BODY = 65536
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, tmp: Path, target="serve.service:Polm", cwd=REPO, home=None, **env):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen(
-            [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=cwd,
-            env={
-                **os.environ,
-                "POLM_CACHE": str(tmp / "cache"),
-                "OMP_NUM_THREADS": "1",
-                **({"BENTOML_HOME": str(home)} if home else {}),
-                **{f"POLM_{k.upper()}": str(v) for k, v in env.items()},
-            },
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.readyz_codes = []
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.read_log()
-            try:
-                code = httpx.get(self.url + "/readyz", timeout=2).status_code
-                self.readyz_codes.append(code)
-                if code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        else:
-            raise AssertionError("server never became ready:\n" + self.read_log())
-        self.client = OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
-        self.model = self.client.models.list().data[0].id
-
-    def read_log(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-4000:]
-
-    def stop(self) -> None:
-        """Kill the server and its workers: BentoML's workers leave the process group."""
-        import psutil
-
-        try:
-            procs = [psutil.Process(self.proc.pid)]
-            procs += procs[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            procs = []
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        if self.proc.poll() is None:
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +44,6 @@ def tokenizer(server):
     from polm.loading import load_tokenizer
 
     return load_tokenizer(Path(server.log.name).parent / "cache" / "serve" / "tiny-base")
-
-
-def chat(server, content, **kw):
-    return server.client.chat.completions.create(
-        model=server.model, messages=[{"role": "user", "content": content}], **kw
-    )
 
 
 def test_models_chat_and_completions_with_right_usage(server, tokenizer):
@@ -222,56 +157,6 @@ def test_sixteen_concurrent_streams_finish_without_errors(server):
         results = list(pool.map(stream, range(16)))
     assert len(results) == 16 and all(isinstance(r, str) for r in results)
     assert sum(bool(r) for r in results) >= 12  # answers, not just empty streams
-
-
-LONG = "x " * 400  # far over the 256-token context
-CHAT = "/v1/chat/completions"
-MSG = [{"role": "user", "content": "hi"}]
-MALFORMED = [
-    # (id, path, body (dict/list -> JSON, str/bytes -> raw), status, param)
-    ("invalid-json", CHAT, b'{"messages": [', 400, None),
-    ("body-is-a-list", CHAT, [MSG], 400, None),
-    ("body-is-a-string", CHAT, '"hello"', 400, None),
-    ("not-utf8", CHAT, b"\xff\xfe\x00", 400, None),
-    ("no-messages", CHAT, {"max_tokens": 5}, 400, "messages"),
-    ("empty-messages", CHAT, {"messages": []}, 400, "messages"),
-    ("messages-not-a-list", CHAT, {"messages": "hi"}, 400, "messages"),
-    ("bad-role", CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
-    ("content-not-text", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, None),
-    ("max-tokens-zero", CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
-    ("max-tokens-negative", CHAT, {"messages": MSG, "max_tokens": -3}, 400, "max_tokens"),
-    ("max-tokens-string", CHAT, {"messages": MSG, "max_tokens": "10"}, 400, "max_tokens"),
-    ("temperature-negative", CHAT, {"messages": MSG, "temperature": -0.5}, 400, "temperature"),
-    ("temperature-too-high", CHAT, {"messages": MSG, "temperature": 9}, 400, "temperature"),
-    ("top-p-zero", CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p"),
-    ("top-p-over-one", CHAT, {"messages": MSG, "top_p": 1.5}, 400, "top_p"),
-    ("too-many-stops", CHAT, {"messages": MSG, "stop": list("abcde")}, 400, "stop"),
-    ("n-two", CHAT, {"messages": MSG, "n": 2}, 400, "n"),
-    ("stream-not-bool", CHAT, {"messages": MSG, "stream": "yes"}, 400, "stream"),
-    ("unknown-field", CHAT, {"messages": MSG, "max_token": 5}, 400, "max_token"),
-    ("negative-seed", CHAT, {"messages": MSG, "seed": -1}, 400, "seed"),
-    (
-        "prompt-over-context",
-        CHAT,
-        {"messages": [{"role": "user", "content": LONG}]},
-        400,
-        "messages",
-    ),
-    ("prompt-plus-max-tokens", CHAT, {"messages": MSG, "max_tokens": 250}, 400, "max_tokens"),
-    ("unknown-model", CHAT, {"model": "gpt-9", "messages": MSG}, 404, "model"),
-    (
-        "oversized-body",
-        CHAT,
-        {"messages": [{"role": "user", "content": "y" * MAX_BODY}]},
-        413,
-        None,
-    ),
-    ("completion-no-prompt", "/v1/completions", {"max_tokens": 3}, 400, "prompt"),
-    ("completion-two-prompts", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
-    ("completion-prompt-number", "/v1/completions", {"prompt": 42}, 400, "prompt"),
-    ("completion-over-context", "/v1/completions", {"prompt": LONG}, 400, "prompt"),
-    ("unknown-route", "/v1/embeddings", {"input": "hi"}, 404, None),
-]
 
 
 @pytest.mark.parametrize("name,path,body,status,param", MALFORMED, ids=[m[0] for m in MALFORMED])

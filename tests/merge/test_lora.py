@@ -17,7 +17,7 @@ from merge.lora import run as merge
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
 from polm.loading import load_model
-from tests.conftest import polm_cli
+from tests.helpers import polm_cli
 
 IDS = torch.tensor([[1, 5, 9, 12, 7]])
 

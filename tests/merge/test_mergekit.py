@@ -15,7 +15,7 @@ from merge.mergekit import METHODS, MergekitSettings
 from merge.mergekit import run as merge
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
-from tests.conftest import polm_cli
+from tests.helpers import polm_cli
 
 TWO_INPUTS = {"slerp", "nearswap", "arcee_fusion"}  # base + one model
 SHARED = {"slerp": {"t": 0.5}, "nearswap": {"t": 1e-4}}

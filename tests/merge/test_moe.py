@@ -16,7 +16,7 @@ from merge.moe import MoESettings, check_experts
 from merge.moe import run as moe
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
-from tests.conftest import polm_cli
+from tests.helpers import polm_cli
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 EXPERTS = [

@@ -22,7 +22,7 @@ from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
 from polm.loading import load_model
-from tests.conftest import polm_cli
+from tests.helpers import polm_cli
 
 torch.manual_seed(0)
 S, T = torch.randn(3, 5, 11), torch.randn(3, 5, 11)

@@ -15,7 +15,7 @@ from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
 from polm.loading import load_model
 from polm.onebit import pack_signs, pack_trits, unpack_signs, unpack_trits
-from tests.conftest import polm_cli
+from tests.helpers import polm_cli
 
 IDS = torch.tensor([[1, 5, 9, 12, 7, 3]])
 

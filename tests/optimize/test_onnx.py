@@ -14,34 +14,28 @@ from optimize.onnx import OnnxSettings, run
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
-from tests.conftest import onnx_int4
-
-
-@pytest.fixture(scope="module")
-def int4(add_sft, tmp_path_factory):
-    return onnx_int4(add_sft, tmp_path_factory)
 
 
 @pytest.mark.slow
-def test_int4_greedy_answers_match_torch_and_the_suite_scores_them(int4, add_sft):
-    m = int4.manifest.metrics
-    assert int4.format == "onnx" and m["onnx.parity.n"] == 100
+def test_int4_greedy_answers_match_torch_and_the_suite_scores_them(onnx_int4, add_sft):
+    m = onnx_int4.manifest.metrics
+    assert onnx_int4.format == "onnx" and m["onnx.parity.n"] == 100
     assert m["onnx.parity.greedy_match"] >= 0.95, m
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
-        assert (int4.path / name).is_file(), name
+        assert (onnx_int4.path / name).is_file(), name
     assert m["bits_per_weight"] < 8, m  # int4 blocks and the fp32 norms, over all parameters
     assert m["size_bytes"] < 0.3 * add_sft.manifest.metrics["size_bytes"]
-    ours = evaluate_checkpoint(int4, ["add"], n=100)
+    ours = evaluate_checkpoint(onnx_int4, ["add"], n=100)
     torch_side = evaluate_checkpoint(add_sft, ["add"], n=100, with_perplexity=False)
     assert abs(ours["eval.add.accuracy"] - torch_side["eval.add.accuracy"]) <= 0.05
 
 
 @pytest.mark.slow
-def test_the_export_runs_with_onnxruntime_genai_alone(int4):
+def test_the_export_runs_with_onnxruntime_genai_alone(onnx_int4):
     code = (
         "import sys\n"
         "from polm.onnxrt import OnnxLM\n"
-        f"lm = OnnxLM({str(int4.path)!r})\n"
+        f"lm = OnnxLM({str(onnx_int4.path)!r})\n"
         "print(repr(lm.greedy(['12+34', '5+7'], 48)))\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
     )
@@ -51,7 +45,7 @@ def test_the_export_runs_with_onnxruntime_genai_alone(int4):
     assert all("=>" in a for a in answers), answers  # the scratchpad format, decoded to the end
     from polm.onnxrt import OnnxLM
 
-    assert answers == OnnxLM(int4.path).greedy(["12+34", "5+7"], 48)
+    assert answers == OnnxLM(onnx_int4.path).greedy(["12+34", "5+7"], 48)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import yaml
 
-from tests.conftest import polm_cli
+from tests.helpers import polm_cli
 
 
 def _recipe(tmp_path, **stage_changes):

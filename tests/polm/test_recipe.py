@@ -1,5 +1,5 @@
+import ast
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -7,8 +7,9 @@ import yaml
 from polm.errors import PolmError
 from polm.recipe import check_models, load_recipe, parse_recipe
 from polm.registry import STAGES, settings_class, stage_function
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
+STAGE_PACKAGES = ("align", "merge", "optimize")
 GOOD = {
     "name": "t",
     "seed": 3,
@@ -117,3 +118,33 @@ def test_registry_entries_resolve_and_settings_are_strict():
         assert not missing, f"{name}: fields without a description: {missing}"
         module = entry.run.split(":")[0]
         assert (REPO / (module.replace(".", "/") + ".py")).is_file()
+
+
+def stage_files() -> dict[str, list[str]]:
+    """Every module under align/, merge/ and optimize/ with a top-level ``run`` function (a
+    stage, by the house convention), with run's parameter names: ``{"align.sft": ["inputs",
+    "settings", "out"]}``. Read from the source (nothing imported), so a new stage file is found
+    before anything imports it; ``__init__.py`` and helper modules without a run are left out."""
+    found = {}
+    for package in STAGE_PACKAGES:
+        for path in sorted((REPO / package).glob("*.py")):
+            if path.name == "__init__.py":
+                continue
+            for node in ast.parse(path.read_text(), filename=str(path)).body:
+                if isinstance(node, ast.FunctionDef) and node.name == "run":
+                    found[f"{package}.{path.stem}"] = [a.arg for a in node.args.args]
+    return found
+
+
+def test_every_stage_file_is_registered_and_recipes_use_only_registered_stages():
+    files = stage_files()
+    assert {"align.sft", "merge.mergekit", "optimize.onnx"} <= set(files)  # the scan works
+    for module, params in files.items():
+        assert params == ["inputs", "settings", "out"], f"{module}.run{tuple(params)}"
+    registered = {entry.run for entry in STAGES.values()}
+    missing = sorted(m for m in files if f"{m}:run" not in registered)
+    assert not missing, f"stage files with a run() that polm/registry.py lacks: {missing}"
+    assert registered == {f"{m}:run" for m in files}  # and the registry names no other run
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        uses = {spec["uses"] for spec in yaml.safe_load(path.read_text())["stages"].values()}
+        assert uses <= set(STAGES), f"{path.name} uses unregistered stages: {uses - set(STAGES)}"

@@ -4,7 +4,7 @@ import json
 
 from polm.refine import critique
 from polm.tasks import get_task
-from tests.conftest import polm_cli
+from tests.helpers import polm_cli
 
 ADD = get_task("add")
 

@@ -6,7 +6,6 @@ terminal and from its OpenAI-compatible endpoint; a tampered or added file is re
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -20,22 +19,16 @@ from polm.errors import PolmError
 from polm.tasks import get_task
 from serve.edge import check_package, package_edge
 from serve.state import ServerState, load_state
-from tests.conftest import onnx_int4, polm_cli
-from tests.serve.test_backends import answers
+from tests.helpers import answers, free_port, polm_cli
 
 pytestmark = pytest.mark.slow
 PROMPTS = [ex.prompt for ex in get_task("add").examples("test", 5)]
 
 
 @pytest.fixture(scope="module")
-def int4(add_sft, tmp_path_factory):
-    return onnx_int4(add_sft, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def package(int4, tmp_path_factory):
+def package(onnx_int4, tmp_path_factory):
     out = tmp_path_factory.mktemp("edge") / "pkg"
-    r = polm_cli("package", "edge", int4.path, "--out", out, "--tar")
+    r = polm_cli("package", "edge", onnx_int4.path, "--out", out, "--tar")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -57,7 +50,7 @@ def edge_python(tmp_path_factory, package):
     return py
 
 
-def test_the_package_has_model_lineage_and_checksums(package, int4):
+def test_the_package_has_model_lineage_and_checksums(package, onnx_int4):
     model = package / "model"
     for name in (
         "model.onnx",
@@ -72,7 +65,7 @@ def test_the_package_has_model_lineage_and_checksums(package, int4):
     assert manifest["format"] == "onnx" and manifest["settings"]["precision"] == "int4"
     stages = [n["stage"] for n in manifest["lineage"]]
     assert stages[0] == "optimize.onnx" and "align.sft" in stages and stages[-1] == "import"
-    assert manifest["lineage"][0]["content_hash"] == int4.manifest.content_hash
+    assert manifest["lineage"][0]["content_hash"] == onnx_int4.manifest.content_hash
     sums = (package / "SHA256SUMS").read_text().splitlines()
     listed = {line.split("  ", 1)[1] for line in sums}
     assert {"polm.json", "polm_edge.py", "requirements.txt", "model/model.onnx"} <= listed
@@ -82,7 +75,7 @@ def test_the_package_has_model_lineage_and_checksums(package, int4):
     assert {f"pkg/{n}" for n in listed} | {"pkg/SHA256SUMS"} <= names
 
 
-def test_the_runner_in_a_bare_venv_answers_like_the_service(package, int4, edge_python):
+def test_the_runner_in_a_bare_venv_answers_like_the_service(package, onnx_int4, edge_python):
     # the fresh venv has no torch and no transformers: the runner does not need them
     probe = subprocess.run(
         [
@@ -97,7 +90,7 @@ def test_the_runner_in_a_bare_venv_answers_like_the_service(package, int4, edge_
         check=True,
     )
     assert probe.stdout.strip() == "[]"
-    state = load_state(ServerState(), str(int4.path))
+    state = load_state(ServerState(), str(onnx_int4.path))
     try:
         served = asyncio.run(answers(state, PROMPTS, temperature=0, max_tokens=48))
     finally:
@@ -124,9 +117,7 @@ def test_the_runner_in_a_bare_venv_answers_like_the_service(package, int4, edge_
     # the runner's endpoint, driven by the official client from this side
     from openai import OpenAI
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [edge_python, package / "polm_edge.py", "serve", "--port", str(port)],
         stdout=subprocess.PIPE,
