@@ -5,13 +5,14 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.helpers import REPO
+
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
+
 NOISE = (
     r"it/s",  # tqdm bars (transformers, datasets, weight loading)
     r"examples/s",

@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 STAGE_PACKAGES = ("align", "merge", "optimize", "serve")
 
 

@@ -4,7 +4,6 @@ left-padded positions, and stages that do not train never importing the trainer 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,7 @@ from polm.stage import (
     load_prompts,
     with_parent_data,
 )
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def _ckpt(path, stage, settings, parents=()):
