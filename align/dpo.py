@@ -28,6 +28,9 @@ from polm.training import save_trained, scratch_dir, task_examples, train, train
 STAGE = "align.dpo"
 
 
+NO_SFT_TERM = ("simpo", "orpo", "kto")  # losses that take no added SFT term (orpo has its own)
+
+
 class DPOSettings(DataSettings):
     """Settings of ``align.dpo``; names follow TRL's DPO / CPO / ORPO / KTO configs."""
 
@@ -48,20 +51,32 @@ class DPOSettings(DataSettings):
     )
     simpo_gamma: float = Field(default=0.5, ge=0, description="SimPO target reward margin.")
     sft_weight: float = Field(
-        default=0.0,
+        default=None,
         ge=0,
         description="Weight of an SFT (negative log-likelihood) term on the chosen answers, "
         "added to the DPO-family loss (RPO, Pang et al., arXiv 2404.19733; TRL's loss_type "
-        "'sft'): it keeps DPO from lowering the chosen answers' likelihood with the rejected.",
+        "'sft'): it keeps DPO from lowering the chosen answers' likelihood with the rejected. "
+        "Default 1 for the DPO losses (recorded as such), 0 for simpo/orpo/kto. Measured from "
+        "a 120-step SFT of add, 150 steps of plain sigmoid DPO: preference accuracy 85.8% -> "
+        "88.4% but exact match 8.2% -> 0.0%; the SFT term keeps the answers right.",
     )
     learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(default=16, gt=0, description="Batch per process.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_sft_weight(cls, values):
+        """Do no harm by default: the SFT term on where it applies."""
+        if isinstance(values, dict) and values.get("sft_weight") is None:
+            no_sft = values.get("loss") in NO_SFT_TERM
+            values = {**values, "sft_weight": 0.0 if no_sft else 1.0}
+        return values
 
     @model_validator(mode="after")
     def _check(self):
         if self.loss in ("cdpo", "robust") and self.label_smoothing == 0:
             raise ValueError(f"loss {self.loss!r} needs label_smoothing > 0 (e.g. 0.1)")
-        if self.sft_weight and self.loss in ("simpo", "orpo", "kto"):
+        if self.sft_weight and self.loss in NO_SFT_TERM:
             raise ValueError(
                 f"sft_weight applies to the DPO losses; {self.loss!r} has its own (orpo has an "
                 "SFT term built in)"

@@ -134,6 +134,8 @@ class PPOSettings(DataSettings):
             raise ValueError("align.ppo uses num_mini_batches, not gradient_accumulation_steps")
         if self.save_steps is not None:
             raise ValueError("align.ppo does not save resumable steps (save_steps) yet")
+        if self.trainer_kwargs:
+            raise ValueError("align.ppo runs its own loop: there is no trainer for trainer_kwargs")
         return self
 
 

@@ -20,7 +20,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
@@ -139,8 +139,24 @@ class TrainingSettings(StageSettings):
         "resumes from the last one and gives the same losses as an uninterrupted run.",
     )
     seed: int = Field(default=0, description="Seed for init, shuffling and dropout.")
+    trainer_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other fields of the trainer's config (transformers TrainingArguments or "
+        "the TRL config of the stage), passed as they are, e.g. {max_grad_norm: 0.5, "
+        "adam_beta2: 0.99}. A field polm already has a setting for is refused: use that.",
+    )
 
     _bf16 = field_validator("bf16")(resolve_bf16)
+
+    @model_validator(mode="after")
+    def _no_shadowed_settings(self):
+        taken = sorted(set(self.trainer_kwargs) & set(type(self).model_fields))
+        if taken:
+            raise ValueError(
+                f"trainer_kwargs sets {', '.join(taken)}, which are settings of this stage: "
+                "set them directly"
+            )
+        return self
 
 
 class DataSettings(TrainingSettings, TaskOrDataset):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from polm import progress
 from polm.checkpoint import Checkpoint, staging
+from polm.errors import PolmError
 from polm.settings import StageSettings
 from polm.stage import DataSettings, TrainingSettings
 
@@ -134,7 +135,13 @@ def trainer_args(s: TrainingSettings, workdir: Path, config_cls=None) -> dict:
     if config_cls is not None:
         known = {f.name for f in dataclasses.fields(config_cls)}
         args = {k: v for k, v in args.items() if k in known}
-    return args
+    clash = sorted(set(s.trainer_kwargs) & set(args))
+    if clash:
+        raise PolmError(
+            f"trainer_kwargs sets {', '.join(clash)}, which polm sets itself (it keeps runs on "
+            "CPU, deterministic and resumable); leave them out."
+        )
+    return {**args, **s.trainer_kwargs}
 
 
 @contextlib.contextmanager

@@ -42,3 +42,23 @@ def test_large_vocabularies_keep_trls_width():
     )
     with logprob_tiles_fit_vocab(big):
         assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == default
+
+
+def test_trainer_kwargs_reach_the_trainer_config_and_cannot_shadow_settings(tmp_path):
+    import pytest
+    from trl import SFTConfig
+
+    from align.ppo import PPOSettings
+    from align.sft import SFTSettings
+    from polm.errors import PolmError
+    from polm.training import trainer_args
+
+    s = SFTSettings(task="add", trainer_kwargs={"max_grad_norm": 0.25, "adam_beta2": 0.99})
+    config = SFTConfig(**trainer_args(s, tmp_path))
+    assert config.max_grad_norm == 0.25 and config.adam_beta2 == 0.99
+    with pytest.raises(ValueError, match="trainer_kwargs sets learning_rate.*set them directly"):
+        SFTSettings(task="add", trainer_kwargs={"learning_rate": 1.0})
+    with pytest.raises(PolmError, match="trainer_kwargs sets use_cpu, which polm sets itself"):
+        trainer_args(SFTSettings(task="add", trainer_kwargs={"use_cpu": False}), tmp_path)
+    with pytest.raises(ValueError, match="no trainer for trainer_kwargs"):
+        PPOSettings(task="add", trainer_kwargs={"adam_beta2": 0.99})
