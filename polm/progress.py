@@ -66,6 +66,10 @@ class StageProgress:
             console=console,
             transient=True,
             disable=not console.is_terminal,  # piped or logged: the result lines say it all
+            # rich would route Python's stdout and stderr through the bar, onto the terminal:
+            # they go to the log with everything else
+            redirect_stdout=False,
+            redirect_stderr=False,
         )
         self.task = self.progress.add_task("", total=None, label=label, loss="")
 

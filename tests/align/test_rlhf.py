@@ -17,9 +17,10 @@ from polm.evaluate import evaluate_checkpoint
 def rm(warm_sft, tmp_path_factory):
     return reward(
         [warm_sft],
-        # 200 steps, measured: pairwise 0.765 on 200 held-out pairs (100 steps: 0.685); PPO
-        # against it moved the held-out reward 0.70 -> 0.93 at KL 1.2
-        RewardSettings(task="add", max_steps=200, learning_rate=1e-3, logging_steps=100),
+        # 400 steps, measured (AMD EPYC, fp32 / bf16): pairwise 0.80 / 0.805 on 200 held-out
+        # pairs. The 200-step model (0.74 / 0.765) moved PPO's held-out reward by +0.06 in fp32
+        # and +0.36 in bf16: a result at one precision only
+        RewardSettings(task="add", max_steps=400, learning_rate=1e-3, logging_steps=100),
         tmp_path_factory.mktemp("rm") / "rm",
     )
 
@@ -35,7 +36,11 @@ def test_the_reward_model_ranks_held_out_pairs(rm):
 
 @pytest.mark.slow
 def test_ppo_raises_heldout_reward_within_the_kl_target(warm_sft, rm, tmp_path):
-    settings = PPOSettings(task="add", max_steps=40, kl_target=3.0, logging_steps=10)
+    # measured with kl_target 3 (AMD EPYC, 256 held-out prompts): 0.916 -> 1.033 at KL 3.0 in
+    # fp32, 0.570 -> 0.826 at KL 4.1 in bf16; 40 steps moved fp32 by +0.05 at most
+    settings = PPOSettings(
+        task="add", max_steps=80, kl_target=4.0, logging_steps=10, eval_prompts=256
+    )
     out = ppo([warm_sft, rm], settings, tmp_path / "ppo")
     m = out.manifest.metrics
     assert m["train.reward_source"] == "model"
@@ -43,7 +48,7 @@ def test_ppo_raises_heldout_reward_within_the_kl_target(warm_sft, rm, tmp_path):
     assert 0 < m["train.heldout_kl"] < settings.kl_target, m
     assert [p.stage for p in out.manifest.parents] == ["align.sft", "align.reward"]
     log = json.loads((out.path / "train_log.json").read_text())
-    assert log[0]["step"] == 1 and log[-1]["step"] == 40
+    assert log[0]["step"] == 1 and log[-1]["step"] == 80
     assert not any(out.path.glob("*v_head*"))  # the value head only serves training
 
 
