@@ -32,7 +32,7 @@ from polm.tasks import get_task
 # "." or "..", no leading dot (the runner's own temporary and lock files start with one).
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 # what the runner itself writes beside the stage directories
-RESERVED_STAGE_IDS = ("models", "report.json")
+RESERVED_STAGE_IDS = ("models", "logs", "report.json")
 
 
 def check_name(kind: str, name: str, where: str) -> None:
@@ -125,7 +125,7 @@ def parse_recipe(raw: Any, source: Path | None = None) -> Recipe:
         if sid in RESERVED_STAGE_IDS:
             raise PolmError(
                 f"{where}: stage id {sid!r} is reserved (the run directory keeps "
-                f"{' and '.join(RESERVED_STAGE_IDS)} there); rename the stage."
+                f"{', '.join(RESERVED_STAGE_IDS)} there); rename the stage."
             )
     for task in recipe.eval:
         get_task(task)

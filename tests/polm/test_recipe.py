@@ -86,7 +86,7 @@ def test_names_that_are_not_plain_are_refused(kind, bad):
         parse_recipe(raw)
 
 
-@pytest.mark.parametrize("sid", ["models", "report.json"])
+@pytest.mark.parametrize("sid", ["models", "logs", "report.json"])
 def test_stage_ids_the_runner_uses_are_reserved(sid):
     raw = _with()
     raw["stages"][sid] = SFT
