@@ -29,15 +29,16 @@ ALL_DATA = {"n_train": 20_000}
 ADD_SFT_STEPS = 200  # the shared add_sft fixture's length (about 70% exact match on add)
 
 
-def polm_cli(*args, cwd=None, timeout=600):
-    """Run the real `polm` command line in a subprocess."""
+def polm_cli(*args, cwd=None, timeout=600, env=None):
+    """Run the real `polm` command line in a subprocess (with tqdm's bars off, unless ``env``
+    says what the environment is)."""
     return subprocess.run(
         [sys.executable, "-m", "polm.cli", *map(str, args)],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "TQDM_DISABLE": "1"},
+        env={**os.environ, "TQDM_DISABLE": "1"} if env is None else env,
     )
 
 
@@ -164,22 +165,26 @@ class Server:
         return Path(self.log.name).read_text()[-4000:]
 
     def stop(self) -> None:
-        """Kill the server and its workers: BentoML's workers leave the process group."""
-        import psutil
+        stop_process_tree(self.proc)
 
+
+def stop_process_tree(proc: subprocess.Popen) -> None:
+    """Kill a server and its workers: BentoML's workers leave the process group."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
         try:
-            procs = [psutil.Process(self.proc.pid)]
-            procs += procs[0].children(recursive=True)
+            p.kill()
         except psutil.NoSuchProcess:
-            procs = []
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        if self.proc.poll() is None:
-            self.proc.wait()
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    if proc.poll() is None:
+        proc.wait()
 
 
 def chat(server: Server, content: str, **kw):

@@ -3,13 +3,11 @@ stage and the summary table; the libraries' bars, warnings and logs go to each s
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.helpers import REPO
+from tests.helpers import REPO, polm_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -25,15 +23,9 @@ NOISE = (
 
 
 def _polm(*args, cwd):
-    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE",)}
-    return subprocess.run(
-        [sys.executable, "-m", "polm.cli", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    """The CLI as a user runs it: tqdm's bars not turned off from outside."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    return polm_cli(*args, cwd=cwd, timeout=900, env=env)
 
 
 def test_quickstart_shows_one_line_per_stage_and_the_table(tmp_path):

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, free_port, stop_process_tree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # what the wheel is built from (pyproject.toml's packages and its readme)
@@ -121,7 +121,7 @@ def test_import_package_edge_and_serve_outside_the_repository(installed):
         assert reply.choices[0].message.content is not None
         assert 0 < reply.usage.completion_tokens <= 8
     finally:
-        _stop(proc)
+        stop_process_tree(proc)
         log.close()
 
 
@@ -136,22 +136,3 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
             pass
         time.sleep(0.25)
     raise AssertionError("server never became ready:\n" + log.read_text()[-4000:])
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Kill the server and its workers (BentoML's workers leave the process group)."""
-    import psutil
-
-    try:
-        procs = [psutil.Process(proc.pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-    if proc.poll() is None:
-        proc.wait()
