@@ -189,10 +189,19 @@ def test_a_tampered_package_is_refused(package, edge_python, tmp_path, tamper):
         check_package(copy)
 
 
-def test_only_an_onnx_checkpoint_is_packaged_directly(add_sft, tmp_path):
-    with pytest.raises(PolmError, match="expects a checkpoint of format 'onnx'"):
-        package_edge(add_sft, tmp_path / "p")
-    assert not (tmp_path / "p").exists()
+def test_a_format_the_export_cannot_read_is_refused_and_nothing_is_left(base_ckpt, tmp_path):
+    """An hf checkpoint is exported first (next test); a 1-bit one is refused by the export,
+    before any weights load, and neither a package nor an intermediate export stays behind."""
+    import shutil
+
+    from polm.checkpoint import MANIFEST, Checkpoint
+
+    shutil.copytree(base_ckpt.path, tmp_path / "in" / "onebit")
+    manifest = json.loads((tmp_path / "in" / "onebit" / MANIFEST).read_text())
+    (tmp_path / "in" / "onebit" / MANIFEST).write_text(json.dumps({**manifest, "format": "onebit"}))
+    with pytest.raises(PolmError, match="expects a checkpoint of format 'hf'.*'onebit'"):
+        package_edge(Checkpoint.open(tmp_path / "in" / "onebit"), tmp_path / "out" / "p")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
 def test_the_cli_exports_an_hf_checkpoint_to_int4_first(base_ckpt, tmp_path):
