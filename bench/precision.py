@@ -1,9 +1,10 @@
 """One SFT step in fp32 and in bf16 autocast on this machine, side by side, as a ratio.
 
-    .venv/bin/python bench/precision.py [--steps 20] [--threads 2]
+    .venv/bin/python bench/precision.py [--steps 100] [--threads 2]
 
 Both runs are the real ``align.sft`` stage on builtin:tiny-base (task add, batch 32), timed by
-the trainer's own wall clock (data preparation excluded). ``bf16: auto`` picks bf16 only where
+the trainer's own wall clock (data preparation excluded), after an untimed 5-step warm-up of
+each. ``bf16: auto`` picks bf16 only where
 the CPU computes it natively (``polm.precision``); this prints what auto chose here and whether
 that was the faster choice.
 """
@@ -21,7 +22,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
 
@@ -42,12 +43,15 @@ def main() -> None:
     native = sorted(cpu_flags() & set(NATIVE_BF16_FLAGS)) or ["none"]
     work = Path(tempfile.mkdtemp(prefix="polm-bench-precision-"))
     base = import_model("builtin:tiny-base", work / "base")
-    per_step = {}
-    for bf16 in (False, True):
-        s = SFTSettings(task="add", max_steps=a.steps, bf16=bf16, logging_steps=a.steps)
-        ckpt = run([base], s, work / f"bf16-{bf16}")
-        m = ckpt.manifest.metrics
-        per_step[bf16] = m["train.wall_s"] / m["train.steps"]
+
+    def per_step_s(bf16: bool, steps: int, tag: str) -> float:
+        s = SFTSettings(task="add", max_steps=steps, bf16=bf16, logging_steps=steps)
+        m = run([base], s, work / f"{tag}-bf16-{bf16}").manifest.metrics
+        return m["train.wall_s"] / m["train.steps"]
+
+    for bf16 in (False, True):  # warm-up: one-time costs (kernel selection, caches) not timed
+        per_step_s(bf16, 5, "warmup")
+    per_step = {bf16: per_step_s(bf16, a.steps, "timed") for bf16 in (False, True)}
     table = Table(title=f"SFT step, builtin:tiny-base, {a.threads} threads")
     for col in ("precision", "s / step", "vs fp32"):
         table.add_column(col, justify="right")
