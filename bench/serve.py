@@ -101,19 +101,10 @@ class Server:
         self.model = self.client.models.list().data[0].id
 
     def stop(self):
-        import psutil
+        from processes import terminate_tree  # bench/, first on the path of a bench script
 
         self.rss.running = False
-        root = psutil.Process(self.proc.pid)
-        procs = [root, *root.children(recursive=True)]  # BentoML's workers leave the group
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=30)
-        for p in alive:
-            p.kill()
+        terminate_tree(self.proc.pid, timeout=30)
 
 
 def single_stream(server: Server, prompt: str, tokens: int) -> float:

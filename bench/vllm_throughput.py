@@ -84,21 +84,9 @@ class Server:
 
     def stop(self) -> None:
         """Terminate the server and its children (BentoML's workers leave the process group)."""
-        import psutil
+        from processes import terminate_tree  # bench/, first on the path of a bench script
 
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=60)
-        for p in alive:
-            p.kill()
+        terminate_tree(self.proc.pid, timeout=60)
         self.proc.wait()
 
 
