@@ -375,10 +375,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # polm's own notes (a resumed run, data taken from the lineage): on screen with -v, in the
     # stage's log file otherwise
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("polm: %(message)s"))
-    logging.getLogger("polm").addHandler(handler)
-    logging.getLogger("polm").setLevel(logging.INFO)
+    logger = logging.getLogger("polm")
+    if not logger.handlers:  # main() may be called more than once in a process
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("polm: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     if not args.verbose:
         from polm.progress import quiet_libraries
 
