@@ -21,7 +21,7 @@ def _console(stderr: bool = False):
 def cmd_run(a) -> None:
     from polm.runner import run_recipe
 
-    run_recipe(a.recipe, a.workdir, eval_n=a.eval_n, verbose=a.verbose)
+    run_recipe(a.recipe, a.workdir, eval_n=a.eval_n, verbose=a.verbose, gates=not a.no_gates)
 
 
 def cmd_validate(a) -> None:
@@ -132,13 +132,14 @@ def cmd_import(a) -> None:
 
 
 def cmd_report(a) -> None:
+    from polm.report import load, render_report
     from polm.runner import result_console, summary_table
 
-    f = Path(a.run_dir) / "report.json"
-    if not f.is_file():
-        raise PolmError(f"{a.run_dir} has no report.json: run a recipe with `polm run` first.")
-    report = json.loads(f.read_text())
-    result_console().print(summary_table(report["name"], report["stages"], report["eval"]))
+    report = load(Path(a.run_dir))
+    out = render_report(a.run_dir)
+    console = result_console()
+    console.print(summary_table(report["name"], report["stages"], report["eval"]))
+    console.print(f"report: {out} (markdown: {out.with_suffix('.md')})", soft_wrap=True)
 
 
 def _task_name(name: str) -> str:
@@ -258,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe")
     s.add_argument("--workdir", help="output directory (default runs/<name>)")
     s.add_argument("--eval-n", type=int, help="evaluate on the first N test examples only")
+    s.add_argument(
+        "--no-gates",
+        action="store_true",
+        help="check and report the recipe's quality gates, but run through a failed one",
+    )
     s.set_defaults(fn=cmd_run)
     s = sub.add_parser("validate", parents=[common], help="check recipes without running them")
     s.add_argument("recipes", nargs="+")
@@ -327,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=cmd_package)
     s = sub.add_parser(
-        "report", parents=[common], help="print the summary table of a run directory"
+        "report",
+        parents=[common],
+        help="write a run directory's report (HTML and markdown, with plots); print its table",
     )
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_report)
@@ -389,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except PolmError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

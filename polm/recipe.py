@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from polm.errors import PolmError
+from polm.gates import Gate
 from polm.registry import get_stage, settings_class
 from polm.settings import StageSettings, format_validation_error, parse_settings
 from polm.tasks import get_task
@@ -32,7 +33,7 @@ from polm.tasks import get_task
 # "." or "..", no leading dot (the runner's own temporary and lock files start with one).
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 # what the runner itself writes beside the stage directories
-RESERVED_STAGE_IDS = ("models", "logs", "report.json")
+RESERVED_STAGE_IDS = ("models", "logs", "packages", "report.json", "report.md", "report.html")
 
 
 def check_name(kind: str, name: str, where: str) -> None:
@@ -60,6 +61,18 @@ class StageSpec(BaseModel):
         return [v] if isinstance(v, str) else v
 
 
+class PackageSpec(BaseModel):
+    """A deployment package made from a stage's output after the run (``polm package``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    target: str = Field(default="edge", description="The packager, e.g. edge.")
+    from_: str = Field(alias="from", description="The stage (or model) to package.")
+    with_: dict[str, Any] = Field(
+        default_factory=dict, alias="with", description="The packager's options, e.g. tar: true."
+    )
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,6 +81,13 @@ class Recipe(BaseModel):
     models: dict[str, str] = Field(description="name -> builtin:NAME, local HF dir or .gguf.")
     eval: list[str] = Field(default_factory=list, description="Tasks evaluated on every output.")
     stages: dict[str, StageSpec] = Field(default_factory=dict)
+    gates: dict[str, Gate] = Field(
+        default_factory=dict, description="stage id -> what its output must reach (polm.gates)."
+    )
+    packages: dict[str, PackageSpec] = Field(
+        default_factory=dict,
+        description="name -> a package made after the run, in <workdir>/packages/<name>/.",
+    )
 
     # filled by load_recipe
     settings: dict[str, StageSettings] = Field(default_factory=dict, exclude=True)
@@ -148,6 +168,43 @@ def parse_recipe(raw: Any, source: Path | None = None) -> Recipe:
         if "seed" in settings_class(spec.uses).model_fields and "seed" not in values:
             values["seed"] = recipe.seed
         recipe.settings[sid] = parse_settings(spec.uses, values, where=f"stage {sid!r}")
+    for sid, gate in recipe.gates.items():
+        where_gate = f"{where}: gates.{sid}"
+        if sid not in recipe.stages:
+            hint = difflib.get_close_matches(sid, list(recipe.stages), n=1)
+            raise PolmError(
+                f"{where_gate}: no stage {sid!r} to gate"
+                f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; stages: "
+                f"{', '.join(recipe.stages) or 'none'}."
+            )
+        gate.check_values(where_gate)
+        unevaluated = sorted(gate.tasks() - set(recipe.eval))
+        if unevaluated:
+            raise PolmError(
+                f"{where_gate}: the gate names task(s) {', '.join(unevaluated)}, which the recipe "
+                f"does not evaluate; add them to eval: (now {recipe.eval or 'empty'})."
+            )
+    for name, pkg in recipe.packages.items():
+        check_name("package name", name, where)
+        if pkg.from_ not in names:
+            raise PolmError(
+                f"{where}: package {name!r}: 'from' names {pkg.from_!r}, which is neither a "
+                f"model nor a stage; known: {', '.join(names)}."
+            )
+        from polm.registry import PACKAGERS, packager_options
+
+        if pkg.target not in PACKAGERS:
+            raise PolmError(
+                f"{where}: package {name!r}: unknown target {pkg.target!r}; known: "
+                f"{', '.join(PACKAGERS)}."
+            )
+        options = packager_options(pkg.target)
+        unknown = sorted(set(pkg.with_) - set(options))
+        if unknown:
+            raise PolmError(
+                f"{where}: package {name!r}: unknown option(s) {', '.join(unknown)} for the "
+                f"{pkg.target} packager; it takes: {', '.join(options) or 'none'}."
+            )
     recipe.order()
     return recipe
 

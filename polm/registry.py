@@ -122,12 +122,29 @@ STAGES: dict[str, StageEntry] = {
 PACKAGERS: dict[str, str] = {
     "edge": "serve.edge:package_edge",
 }
+# each packager's check of a package it wrote: check(path) raises PolmError unless whole
+PACKAGE_CHECKS: dict[str, str] = {
+    "edge": "serve.edge:check_package",
+}
 
 
 def packager(target: str):
     if target not in PACKAGERS:
         raise PolmError(f"unknown package target {target!r}; known: {', '.join(PACKAGERS)}.")
     return _resolve(PACKAGERS[target])
+
+
+def packager_check(target: str, path) -> None:
+    """Check a ``target`` package at ``path`` (raises PolmError unless it is whole)."""
+    _resolve(PACKAGE_CHECKS[target])(path)
+
+
+def packager_options(target: str) -> list[str]:
+    """The keyword options a packager takes (beside the checkpoint and the output path)."""
+    import inspect
+
+    params = list(inspect.signature(packager(target)).parameters.values())[2:]
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def get_stage(name: str) -> StageEntry:

@@ -31,6 +31,8 @@ class StageResult:
     wall_s: float
     checkpoint: Checkpoint
     metrics: dict = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)  # recipe names of its inputs
+    gates: list = field(default_factory=list)  # polm.gates.GateResult
 
 
 def input_hash(stage: str, settings: dict, inputs: list[Checkpoint]) -> str:
@@ -97,14 +99,18 @@ def run_recipe(
     console=None,
     eval_n: int | None = None,
     verbose: bool = True,
+    gates: bool = True,
 ) -> list[StageResult]:
     """Run every stage of the recipe at ``path``; return one result per model and stage.
 
     ``verbose=False`` (the CLI without ``-v``) shows one progress bar and one result line per
-    stage; each stage's other output goes to ``<workdir>/logs/<stage>.log``."""
+    stage; each stage's other output goes to ``<workdir>/logs/<stage>.log``. A failed quality
+    gate (:mod:`polm.gates`) keeps the stages downstream of it from running and raises
+    :class:`~polm.gates.GateFailed` once the rest has run; ``gates=False`` only reports them."""
     from rich.console import Console
 
     from polm.evaluate import evaluate_checkpoint
+    from polm.gates import GateFailed, check_gate, failure_message
     from polm.importer import import_model, source_fingerprint
     from polm.registry import get_stage
 
@@ -130,6 +136,7 @@ def run_recipe(
                     done.manifest.metrics.get("wall_s", 0),
                     done,
                     done.manifest.metrics,
+                    list(inputs or {}),
                 )
             )
             ckpts[sid] = done
@@ -152,10 +159,28 @@ def run_recipe(
         # evaluation, the input hash). update_metrics replaces polm.json in one rename, so a
         # kill here leaves the stage's own manifest, never a half-written one.
         ckpt.update_metrics(metrics, input_hash=ihash)
-        results.append(StageResult(sid, uses, "ran", wall, ckpt, ckpt.manifest.metrics))
+        results.append(
+            StageResult(sid, uses, "ran", wall, ckpt, ckpt.manifest.metrics, list(inputs or {}))
+        )
         ckpts[sid] = ckpt
         if not verbose:
             console.print(result_line(sid, uses, wall, ckpt, recipe.eval), soft_wrap=True)
+
+    failed: list = []
+    blocked: list[str] = []
+
+    def gate(sid: str, parent: str | None) -> None:
+        """Check the stage's gates; a failure blocks its descendants (unless gates are off)."""
+        if sid not in recipe.gates:
+            return
+        result = results[-1]
+        parent_metrics = ckpts[parent].manifest.metrics if parent in ckpts else None
+        result.gates = check_gate(sid, recipe.gates[sid], result.metrics, parent, parent_metrics)
+        for g in result.gates:
+            mark = "[green]✓[/green]" if g.passed else "[red]✗[/red]"
+            console.print(f"  {mark} gate {sid}: {g.gate} ({g.figures})", soft_wrap=True)
+        if gates:
+            failed.extend(g for g in result.gates if not g.passed)
 
     with _Lock(root):
         for name, source in recipe.models.items():
@@ -169,6 +194,12 @@ def run_recipe(
             )
         for sid in recipe.order():
             spec, settings = recipe.stages[sid], recipe.settings[sid]
+            if any(s not in ckpts for s in spec.from_):  # downstream of a failed gate
+                blocked.append(sid)
+                console.print(
+                    f"[yellow]- {sid} ({spec.uses}): not run, downstream of a failed gate[/yellow]"
+                )
+                continue
             inputs = [ckpts[s] for s in spec.from_]
             ihash = input_hash(spec.uses, settings.model_dump(mode="json"), inputs)
             finish(
@@ -181,11 +212,22 @@ def run_recipe(
                 ),
                 dict(zip(spec.from_, inputs)),
             )
-        write_report(recipe, root, results)
+            gate(sid, spec.from_[0])
+            if failed and failed[-1].stage == sid:
+                del ckpts[sid]  # nothing downstream of a failed gate runs
+        packages = make_packages(recipe, root, ckpts, console)
+        report = write_report(recipe, root, results, packages=packages, blocked=blocked)
     out = result_console()
     out.print(summary_table(recipe.name, results, recipe.eval))
     for line in merge_summary(results, recipe.eval):
         out.print(line)
+    out.print(f"report: {report}", soft_wrap=True)
+    if not failed:
+        final = serve_hint(recipe, results, packages)
+        if final:
+            out.print(final, soft_wrap=True)
+    if failed:
+        raise GateFailed(failure_message(failed, blocked))
     return results
 
 
@@ -285,7 +327,77 @@ def result_console():
     return Console(width=None if sys.stdout.isatty() else 140)
 
 
-def write_report(recipe: Recipe, root: Path, results: list[StageResult]) -> None:
+def make_packages(recipe: Recipe, root: Path, ckpts: dict[str, Checkpoint], console) -> list:
+    """The recipe's ``packages:``, each in ``<root>/packages/<name>/``; one whose manifest
+    carries its source's content hash and whose files check out is kept as it is."""
+    from polm.registry import packager
+
+    made = []
+    for name, pkg in recipe.packages.items():
+        if pkg.from_ not in ckpts:  # downstream of a failed gate
+            console.print(f"[yellow]- package {name}: not made, downstream of a failed gate")
+            continue
+        src, out = ckpts[pkg.from_], root / "packages" / name
+        record = {"name": name, "target": pkg.target, "from": pkg.from_, "path": str(out)}
+        if _package_current(pkg.target, out, src):
+            console.print(f"[dim]= package {name} ({pkg.target}): unchanged, skipped ({out})[/dim]")
+            made.append(record | {"status": "cached"})
+            continue
+        t0 = time.perf_counter()
+        log_path = root / "logs" / f"package-{name}.log"
+        with stage_output(console, f"package {name}", f"package {pkg.target}", log_path):
+            packager(pkg.target)(src, out, **pkg.with_)
+        wall = time.perf_counter() - t0
+        console.print(
+            f"[green]✓[/green] [bold]package {name}[/bold] ({pkg.target} from {pkg.from_}) "
+            f"{wall:.1f} s  [dim]-> {out}[/dim]",
+            soft_wrap=True,
+        )
+        made.append(record | {"status": "ran", "wall_s": round(wall, 2)})
+    return made
+
+
+def _package_current(target: str, out: Path, src: Checkpoint) -> bool:
+    try:
+        manifest = json.loads((out / "polm.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("content_hash") != src.manifest.content_hash:
+        return False
+    from polm.registry import packager_check
+
+    try:
+        packager_check(target, out)
+    except PolmError:
+        return False
+    return True
+
+
+def serve_hint(recipe: Recipe, results: list[StageResult], packages: list) -> str:
+    """How to serve the run's final model (the last stage's output) and run its package."""
+    if not results:
+        return ""
+    final = results[-1]
+    lines = [
+        f"serve the final model ({final.id}): polm serve {final.checkpoint.path}",
+        f"  (or, from the repository: bentoml serve --arg model={final.checkpoint.path})",
+    ]
+    for p in packages:
+        lines.append(f"run the {p['target']} package {p['name']}: see {p['path']}/README.txt")
+    return "\n".join(lines)
+
+
+def write_report(
+    recipe: Recipe,
+    root: Path,
+    results: list[StageResult],
+    packages: list | None = None,
+    blocked: list[str] | None = None,
+) -> Path:
+    """``report.json`` (what ``polm report`` reads), then the HTML report and its markdown twin;
+    returns the HTML report's path."""
+    from polm.report import render_report
+
     rows = [
         {
             "id": r.id,
@@ -294,12 +406,24 @@ def write_report(recipe: Recipe, root: Path, results: list[StageResult]) -> None
             "wall_s": round(r.wall_s, 2),
             "path": str(r.checkpoint.path),
             "content_hash": r.checkpoint.manifest.content_hash,
+            "format": r.checkpoint.format,
+            "inputs": r.inputs,
+            "settings": r.checkpoint.manifest.settings,
             "metrics": r.metrics,
+            "gates": [g.asdict() for g in r.gates],
         }
         for r in results
     ]
-    report = {"name": recipe.name, "eval": recipe.eval, "stages": rows}
+    rows += [{"id": sid, "status": "blocked"} for sid in blocked or []]
+    report = {
+        "name": recipe.name,
+        "recipe": str(recipe.source) if recipe.source else None,
+        "eval": recipe.eval,
+        "stages": rows,
+        "packages": packages or [],
+    }
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return render_report(root)
 
 
 def summary_table(name: str, results, tasks: list[str]):
@@ -331,6 +455,9 @@ def summary_table(name: str, results, tasks: list[str]):
                 "metrics": r.metrics,
             }
         )
+        if r.get("status") == "blocked":
+            table.add_row(r["id"], "", "[yellow]blocked[/yellow]", *["-"] * (len(tasks) + 5))
+            continue
         m = r["metrics"]
         accs = [
             f"{m[f'eval.{t}.accuracy']:.1%}" if f"eval.{t}.accuracy" in m else "-" for t in tasks
