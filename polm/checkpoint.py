@@ -120,7 +120,11 @@ class Checkpoint:
         self.manifest.metrics.update(metrics)
         for k, v in fields.items():
             setattr(self.manifest, k, v)
-        _write_json_atomic(self.path / MANIFEST, self.manifest.model_dump(mode="json"))
+        # the new manifest is written beside the checkpoint, not in it: a kill before the rename
+        # leaves a `.<name>.*` sibling (which `polm run` cleans up), never a file inside the
+        # checkpoint that its content hash would count
+        tmp = self.path.with_name(f".{self.path.name}.{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}")
+        write_json_atomic(self.path / MANIFEST, self.manifest.model_dump(mode="json"), tmp)
 
     def verify(self) -> None:
         """Raise if the files no longer match the manifest's content hash."""
@@ -195,7 +199,7 @@ class Staging:
         )
         manifest.metrics.setdefault("size_bytes", _weights_bytes(self.dir))
         # the manifest goes in last: until it exists the directory is not a checkpoint
-        _write_json_atomic(self.dir / MANIFEST, manifest.model_dump(mode="json"))
+        write_json_atomic(self.dir / MANIFEST, manifest.model_dump(mode="json"))
         _replace_dir(self.dir, self.out)
         return Checkpoint(self.out, manifest)
 
@@ -230,8 +234,10 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+def write_json_atomic(path: Path, data: Any, tmp: Path | None = None) -> None:
+    """Write ``data`` to ``path`` in one rename, through ``tmp`` (default: a hidden sibling of
+    ``path``; it must be on the same file system)."""
+    tmp = tmp or path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")

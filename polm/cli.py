@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from polm.errors import PolmError
 
 
@@ -151,23 +149,29 @@ def _task_name(name: str) -> str:
 
 
 def _parse_sets(pairs: list[str]) -> dict:
+    from polm.recipe import parse_yaml
+    from polm.settings import short_repr
+
     values = {}
     for pair in pairs:
         if "=" not in pair:
             raise PolmError(f"--set expects key=value, got {pair!r}.")
         k, v = pair.split("=", 1)
-        values[k.strip()] = yaml.safe_load(v)
+        values[k.strip()] = parse_yaml(v, f"--set {k.strip()}: the value {short_repr(v)}")
     return values
 
 
 def cmd_stage(a) -> None:
     from polm.checkpoint import Checkpoint
+    from polm.recipe import read_yaml
     from polm.runner import run_stage, stage_output
     from polm.settings import parse_settings
 
     values = {}
     if a.config:
-        values = yaml.safe_load(Path(a.config).read_text()) or {}
+        if not Path(a.config).is_file():
+            raise PolmError(f"no settings file at {a.config}.")
+        values = read_yaml(Path(a.config)) or {}
         if not isinstance(values, dict):
             raise PolmError(f"{a.config}: expected a mapping of settings.")
     values.update(_parse_sets(a.set))

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from polm.errors import PolmError
 from polm.gates import Gate
 from polm.registry import get_stage, settings_class
-from polm.settings import StageSettings, format_validation_error, parse_settings
+from polm.settings import StageSettings, format_validation_error, parse_settings, short_repr
 from polm.tasks import get_task
 
 # The recipe name, model names and stage ids become directories (runs/<name>/<stage id>/,
@@ -40,8 +41,9 @@ def check_name(kind: str, name: str, where: str) -> None:
     """Refuse a ``name`` that is not one plain path component (letters, digits, ``_ . -``)."""
     if not PLAIN_NAME.fullmatch(name):
         raise PolmError(
-            f"{where}: {kind} {name!r} is not a plain name: use letters, digits, '_', '.' and "
-            "'-' only, not starting with '.' (it names a directory under the run's workdir)."
+            f"{where}: {kind} {short_repr(name)} is not a plain name: use letters, digits, "
+            "'_', '.' and '-' only, not starting with '.' (it names a directory under the run's "
+            "workdir)."
         )
 
 
@@ -49,7 +51,9 @@ class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     uses: str = Field(description="The registered stage, e.g. align.sft.")
-    from_: list[str] = Field(alias="from", description="Model names or earlier stage ids.")
+    from_: list[str] = Field(
+        alias="from", min_length=1, description="Model names or earlier stage ids (at least one)."
+    )
     with_: dict[str, Any] = Field(
         default_factory=dict, alias="with", description="The stage's settings."
     )
@@ -89,9 +93,20 @@ class Recipe(BaseModel):
         description="name -> a package made after the run, in <workdir>/packages/<name>/.",
     )
 
-    # filled by load_recipe
-    settings: dict[str, StageSettings] = Field(default_factory=dict, exclude=True)
-    source: Path | None = Field(default=None, exclude=True)
+    # filled by parse_recipe; private, so that a recipe cannot set them (`settings:` in a
+    # recipe is an unknown field like any other)
+    _settings: dict[str, StageSettings] = PrivateAttr(default_factory=dict)
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def settings(self) -> dict[str, StageSettings]:
+        """Each stage's validated settings, by stage id."""
+        return self._settings
+
+    @property
+    def source(self) -> Path | None:
+        """The file the recipe was read from."""
+        return self._source
 
     def order(self) -> list[str]:
         """Stage ids in dependency order (stable: recipe order among independent stages)."""
@@ -121,11 +136,40 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise PolmError(f"no recipe at {path}.")
+    return parse_recipe(read_yaml(path), source=path)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in the file at ``path``; anything unreadable is one PolmError."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolmError(
+            f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}); "
+            "save it as UTF-8."
+        ) from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML (safe_load); a syntax error, a number Python will not read or nesting
+    too deep for the parser is one PolmError naming ``where`` and the line, never a traceback."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = "; ".join(x for x in (e.problem, e.context) if x) or type(e).__name__
+        raise PolmError(f"{where} is not valid YAML: {what}{at}.") from None
     except yaml.YAMLError as e:
-        raise PolmError(f"{path} is not valid YAML: {e}") from None
-    return parse_recipe(raw, source=path)
+        raise PolmError(f"{where} is not valid YAML: {' '.join(str(e).split())}.") from None
+    except ValueError:  # an integer with more digits than Python converts (sys.int_info)
+        raise PolmError(
+            f"{where}: a number has more digits than Python reads "
+            f"({sys.get_int_max_str_digits()}); write a smaller one."
+        ) from None
+    except RecursionError:
+        raise PolmError(f"{where} nests lists or mappings too deeply to read.") from None
 
 
 def parse_recipe(raw: Any, source: Path | None = None) -> Recipe:
@@ -136,7 +180,7 @@ def parse_recipe(raw: Any, source: Path | None = None) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise PolmError(format_validation_error(e, Recipe, where)) from None
-    recipe.source = source
+    recipe._source = source
     check_name("name", recipe.name, where)
     for name in recipe.models:
         check_name("model name", name, where)
@@ -159,7 +203,8 @@ def parse_recipe(raw: Any, source: Path | None = None) -> Recipe:
             if src not in names:
                 hint = difflib.get_close_matches(src, names, n=1)
                 raise PolmError(
-                    f"stage {sid!r}: 'from' names {src!r}, which is neither a model nor a stage"
+                    f"stage {sid!r}: 'from' names {short_repr(src)}, which is neither a model nor "
+                    "a stage"
                     f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; known: {', '.join(names)}."
                 )
         if spec.nproc > 1 and not entry.trains:

@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polm.checkpoint import Checkpoint
+from polm.checkpoint import Checkpoint, write_json_atomic
 from polm.errors import PolmError
 from polm.recipe import Recipe, check_models, load_recipe
 
@@ -124,6 +124,7 @@ def run_recipe(
     def finish(sid: str, uses: str, out: Path, ihash: str, make, inputs=None) -> None:
         """``inputs``: the stage's inputs by recipe name (a merge is compared with them)."""
         done = finished(out, ihash)
+        clean_stale(out)  # a kill may leave scratch even beside a finished stage (its old copy)
         if done is not None:
             console.print(
                 f"[dim]= {sid} ({uses}): unchanged, skipped ({out})[/dim]", soft_wrap=True
@@ -141,7 +142,6 @@ def run_recipe(
             )
             ckpts[sid] = done
             return
-        clean_stale(out)
         if verbose:
             console.rule(f"[bold]{sid}[/bold] ({uses})")
         log_path = None if verbose else root / "logs" / f"{sid}.log"
@@ -422,7 +422,8 @@ def write_report(
         "stages": rows,
         "packages": packages or [],
     }
-    (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    # in one rename: a kill while it is written leaves the previous report, never half of one
+    write_json_atomic(root / "report.json", report)
     return render_report(root)
 
 

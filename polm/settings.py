@@ -38,6 +38,13 @@ def parse_settings(stage: str, values: dict[str, Any], where: str | None = None)
         raise PolmError(format_validation_error(e, cls, f"{where or 'stage'} ({stage})")) from None
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message quotes what it refuses,
+    and a 5,000-digit number or a long list must not bury the message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
 def format_validation_error(e: ValidationError, cls: type[BaseModel], where: str) -> str:
     problems = []
     for err in e.errors():
@@ -49,5 +56,5 @@ def format_validation_error(e: ValidationError, cls: type[BaseModel], where: str
                 f"known fields: {', '.join(cls.model_fields)}"
             )
         else:
-            problems.append(f"field {field!r}: {err['msg']} (got {err.get('input')!r})")
+            problems.append(f"field {field!r}: {err['msg']} (got {short_repr(err.get('input'))})")
     return f"{where}: " + "; ".join(problems) + "."
