@@ -129,6 +129,47 @@ def perplexity(model, tokenizer, n: int = 200) -> float:
     return math.exp(total / count)
 
 
+DECODE_TOKENS = 32
+DECODE_PROMPT = "Add 1234 and 5678."
+
+
+def decode_rate(generate, n: int = DECODE_TOKENS) -> float:
+    """Single-stream decode speed, tokens/s: ``generate(k)`` makes exactly ``k`` new tokens for
+    one prompt; the prefill and first token (``generate(1)``) are subtracted, after a warm-up."""
+    import time
+
+    generate(2)  # warm-up: kernels, caches, allocator
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        generate(1)
+        t1 = time.perf_counter()
+        generate(n + 1)
+        t2 = time.perf_counter()
+        best = min(best, (t2 - t1) - (t1 - t0))
+    return round(n / max(best, 1e-6), 1)
+
+
+def torch_decode_rate(model, tokenizer) -> float:
+    import torch
+
+    enc = tokenizer(
+        [chat_prompt(tokenizer, DECODE_PROMPT)], return_tensors="pt", add_special_tokens=False
+    ).to(model.device)
+
+    def generate(k: int) -> None:
+        with torch.no_grad():
+            model.generate(
+                **enc,
+                max_new_tokens=k,
+                min_new_tokens=k,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+
+    return decode_rate(generate)
+
+
 def size_bytes(path: Path) -> int:
     """Bytes on disk of a checkpoint's weight files."""
     return sum(
@@ -255,6 +296,8 @@ def evaluate_checkpoint(
             result = task_accuracy(task, n, lambda ps: lm.greedy(ps, MAX_NEW_TOKENS))
             metrics[f"eval.{task}.accuracy"] = result["accuracy"]
             metrics[f"eval.{task}.n"] = result["n"]
+        text = lm.chat_prompt(DECODE_PROMPT)
+        metrics["decode_tokens_per_s"] = decode_rate(lambda k: lm.decode_exactly(text, k))
         return metrics
     torch.manual_seed(0)
     if is_reward_model(ckpt):
@@ -278,4 +321,5 @@ def evaluate_checkpoint(
         metrics[f"eval.{task}.preference_accuracy"] = pref["accuracy"]
     if with_perplexity:
         metrics["perplexity"] = perplexity(model, tokenizer)
+    metrics["decode_tokens_per_s"] = torch_decode_rate(model, tokenizer)
     return metrics

@@ -95,6 +95,17 @@ class OnnxLM:
         """Greedy answers to chat ``prompts`` (user turns)."""
         return self.generate([self.chat_prompt(p) for p in prompts], max_new_tokens)
 
+    def decode_exactly(self, text: str, new_tokens: int) -> None:
+        """Decode ``new_tokens`` greedy tokens after ``text`` whatever they are (end of text
+        included): a fixed amount of work, for timing."""
+        ids = self.tokenizer.encode(text)
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.max_length(len(ids), new_tokens), do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(ids)
+        for _ in range(new_tokens):
+            gen.generate_next_token()
+
     def next_token_logits(self, text: str):
         """The logits after ``text`` (a numpy vector over the vocabulary)."""
         import numpy as np

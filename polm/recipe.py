@@ -84,6 +84,12 @@ class Recipe(BaseModel):
     seed: int = Field(default=0, description="Default seed for every stage that takes one.")
     models: dict[str, str] = Field(description="name -> builtin:NAME, local HF dir or .gguf.")
     eval: list[str] = Field(default_factory=list, description="Tasks evaluated on every output.")
+    eval_n: int | None = Field(
+        default=None,
+        ge=1,
+        description="Evaluate on the first N test examples of each task (default: all 500); "
+        "polm run --eval-n overrides it.",
+    )
     stages: dict[str, StageSpec] = Field(default_factory=dict)
     gates: dict[str, Gate] = Field(
         default_factory=dict, description="stage id -> what its output must reach (polm.gates)."

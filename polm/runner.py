@@ -117,6 +117,7 @@ def run_recipe(
     console = console or Console(stderr=True)
     recipe = load_recipe(path)
     check_models(recipe)  # a missing model fails before any stage trains
+    eval_n = eval_n or recipe.eval_n
     root = Path(workdir) if workdir else Path("runs") / recipe.name
     results: list[StageResult] = []
     ckpts: dict[str, Checkpoint] = {}
