@@ -176,7 +176,9 @@ def test_a_merge_is_recorded_beside_its_inputs_and_their_base(base_ckpt, experts
     }
 
 
-def test_input_shards_closed_between_reads_keep_the_bytes(base_ckpt, experts, tmp_path):
+def test_input_shards_closed_between_reads_keep_the_bytes(
+    base_ckpt, experts, tmp_path, monkeypatch
+):
     """The stage closes each input's memory-mapped shard after every read (resident memory);
     the merged bytes equal mergekit's own run with the shards kept open, and mergekit is left
     as it was."""
@@ -186,6 +188,7 @@ def test_input_shards_closed_between_reads_keep_the_bytes(base_ckpt, experts, tm
 
     from merge.mergekit import plan, shards_closed_between_reads
 
+    monkeypatch.setattr("merge.mergekit.CLOSE_SHARDS_FROM_BYTES", 0)  # tiny inputs too
     original = LazyTensorLoader.get_tensor
     s = MergekitSettings(merge_method="ties", parameters={"density": 0.5})
     ours = merge([base_ckpt, *experts], s, tmp_path / "closed")
