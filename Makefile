@@ -1,10 +1,11 @@
-# polm: make demo (set up and run the quickstart recipe), make test (set up and run the tests).
+# polm: make demo (set up and run the quickstart recipe), make test (set up and run the tests),
+# make bench (every side-by-side benchmark: one table, saved under runs/bench/).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean bench-serve
+.PHONY: setup demo test lint clean bench bench-serve
 
 setup: $(STAMP)
 
@@ -29,6 +30,11 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Side-by-side benchmarks (bench/run.py): prints one table, saves runs/bench/bench.{json,md}.
+# CPU only, about 10-15 minutes on 2 cores; BENCH_ARGS="--only NAME" or "--include serve" etc.
+bench: setup
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Serving benchmark (bench/serve.py): also needs Gemma 3 270M (GGUF, from PyPI) and llama.cpp's
 # OpenAI server; llama-cpp-python compiles llama.cpp (several minutes on 2 cores).

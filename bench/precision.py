@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,18 +21,12 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args()
-
+def measure(steps: int = 100, threads: int = 2) -> dict:
+    """Seconds per SFT step in fp32 and in bf16, the CPU, its native bf16 flags and what
+    ``bf16: auto`` resolves to here."""
     import torch
 
-    torch.set_num_threads(a.threads)
-    from rich.console import Console
-    from rich.table import Table
-
+    torch.set_num_threads(threads)
     from align.sft import SFTSettings, run
     from polm.importer import import_model
     from polm.precision import NATIVE_BF16_FLAGS, cpu_flags, resolve_bf16
@@ -51,7 +46,28 @@ def main() -> None:
 
     for bf16 in (False, True):  # warm-up: one-time costs (kernel selection, caches) not timed
         per_step_s(bf16, 5, "warmup")
-    per_step = {bf16: per_step_s(bf16, a.steps, "timed") for bf16 in (False, True)}
+    per_step = {bf16: per_step_s(bf16, steps, "timed") for bf16 in (False, True)}
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "cpu": model,
+        "native": native,
+        "auto": resolve_bf16("auto"),
+        "fp32_s": per_step[False],
+        "bf16_s": per_step[True],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    m = measure(a.steps, a.threads)
+    per_step = {False: m["fp32_s"], True: m["bf16_s"]}
     table = Table(title=f"SFT step, builtin:tiny-base, {a.threads} threads")
     for col in ("precision", "s / step", "vs fp32"):
         table.add_column(col, justify="right")
@@ -59,10 +75,10 @@ def main() -> None:
     table.add_row("bf16", f"{per_step[True]:.3f}", f"{per_step[True] / per_step[False]:.2f}x")
     console = Console()
     console.print(table)
-    auto = resolve_bf16("auto")
+    auto = m["auto"]
     faster = per_step[True] < per_step[False]
     console.print(
-        f"CPU: {model}; native bf16 flags: {', '.join(native)}; bf16: auto -> "
+        f"CPU: {m['cpu']}; native bf16 flags: {', '.join(m['native'])}; bf16: auto -> "
         f"{'bf16' if auto else 'fp32'} ({'the faster' if auto == faster else 'NOT the faster'} "
         f"here: bf16/fp32 time = {per_step[True] / per_step[False]:.2f})"
     )

@@ -174,3 +174,35 @@ def test_a_merge_is_recorded_beside_its_inputs_and_their_base(base_ckpt, experts
         "merge.base.add.accuracy": 0.1,
         "merge.gain_kept.add": 0.75,  # (0.7 - 0.1) / (0.9 - 0.1); reverse was not measured
     }
+
+
+def test_input_shards_closed_between_reads_keep_the_bytes(
+    base_ckpt, experts, tmp_path, monkeypatch
+):
+    """The stage closes each input's memory-mapped shard after every read (resident memory);
+    the merged bytes equal mergekit's own run with the shards kept open, and mergekit is left
+    as it was."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader
+    from mergekit.merge import MergeOptions, run_merge
+
+    from merge.mergekit import plan, shards_closed_between_reads
+
+    monkeypatch.setattr("merge.mergekit.CLOSE_SHARDS_FROM_BYTES", 0)  # tiny inputs too
+    original = LazyTensorLoader.get_tensor
+    s = MergekitSettings(merge_method="ties", parameters={"density": 0.5})
+    ours = merge([base_ckpt, *experts], s, tmp_path / "closed")
+    assert LazyTensorLoader.get_tensor is original
+    cfg, _ = plan(s, [base_ckpt, *experts])
+    options = MergeOptions(random_seed=0, copy_tokenizer=False, quiet=True, device="cpu")
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "open"), options=options)
+    theirs = load_file(tmp_path / "open" / "model.safetensors")
+    assert weights(ours).keys() == theirs.keys()
+    assert all(torch.equal(weights(ours)[k], theirs[k]) for k in theirs)
+
+    loader = LazyTensorLoader.from_disk(str(base_ckpt.path), lazy_unpickle=False)
+    with shards_closed_between_reads():
+        loader.get_tensor("model.norm.weight")
+        assert loader.current_shard is None
+    loader.get_tensor("model.norm.weight")
+    assert loader.current_shard is not None
