@@ -25,7 +25,8 @@ STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _trim() -> None:
+def release_free_memory() -> None:
+    """Collect garbage and hand the allocator's free memory back to the OS (glibc)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -77,7 +78,7 @@ class PeakRSS:
             self.sample()
 
     def __enter__(self) -> PeakRSS:
-        _trim()
+        release_free_memory()
         self._hwm = _reset_high_water_mark()
         self.sample()
         self._thread.start()
