@@ -145,7 +145,7 @@ def run_recipe(
             wall = time.perf_counter() - t0
             if bar is not None:
                 bar.start(f"evaluating on {', '.join(recipe.eval) or 'perplexity'}")
-            metrics = evaluate_checkpoint(ckpt, recipe.eval, n=eval_n)
+            metrics = evaluate_checkpoint(ckpt, recipe.eval, n=eval_n or recipe.eval_n)
         metrics["wall_s"] = round(wall, 2)
         metrics["peak_rss_bytes"] = rss.peak_bytes  # the stage and its evaluation
         if len(inputs or {}) > 1 and get_stage(uses).compares_inputs:
