@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from polm.checkpoint import Checkpoint
-from polm.stage import DataSettings, single_input
+from polm.stage import DataSettings, LoraSettings, single_input
 from polm.tasks import validate_task_names
 from polm.training import save_trained, scratch_dir, task_examples, train, trainer_args
 
@@ -33,7 +33,7 @@ SELF = "self:"  # replay source: the input model's own answers to a built-in tas
 log = logging.getLogger("polm")
 
 
-class SFTSettings(DataSettings):
+class SFTSettings(DataSettings, LoraSettings):
     """Settings of ``align.sft``; training fields use TRL / transformers names."""
 
     method: Literal["full", "lora", "prefix", "prompt"] = Field(
@@ -43,12 +43,6 @@ class SFTSettings(DataSettings):
         default=None,
         description="hf (merged, default for full/lora) or peft-adapter "
         "(default and only choice for prefix/prompt).",
-    )
-    r: int = Field(default=16, gt=0, description="LoRA rank.")
-    lora_alpha: int = Field(default=32, gt=0, description="LoRA scaling numerator.")
-    lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: str | list[str] = Field(
-        default="all-linear", description="Modules LoRA adapts."
     )
     num_virtual_tokens: int = Field(default=16, gt=0, description="Prefix/prompt length.")
     replay: str | list[str] | None = Field(
@@ -165,16 +159,10 @@ def own_answers(task: str, n: int, want: set[str], answer):
 
 
 def peft_config(s: SFTSettings):
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
 
     if s.method == "lora":
-        return LoraConfig(
-            r=s.r,
-            lora_alpha=s.lora_alpha,
-            lora_dropout=s.lora_dropout,
-            target_modules=s.target_modules,
-            task_type=TaskType.CAUSAL_LM,
-        )
+        return s.lora_config()
     if s.method == "prefix":
         return PrefixTuningConfig(
             num_virtual_tokens=s.num_virtual_tokens, task_type=TaskType.CAUSAL_LM

@@ -8,7 +8,10 @@ quantize). Settings keep its ``QuantizeConfig`` names: ``bits`` (2, 3, 4, 8), ``
 The output is GPTQModel's own GPTQ layout (``quantization_config`` in ``config.json``, packed
 ``qweight``/``qzeros``/``scales``/``g_idx``), which transformers (with optimum and GPTQModel
 installed) and vLLM load as they are; the parent's tokenizer files and generation config are
-kept byte for byte. Embeddings, norms and the output head stay in full precision.
+kept byte for byte. Embeddings, norms and the output head are not quantized, but they are
+stored in 16 bits (fp16, or bf16 for a tensor fp16 cannot hold): GPTQModel saves them in the
+dtype the model was quantized in, fp32 on CPU, which left Gemma 3 270M's tied 262k-row
+embedding at 671 MB of a 724 MB checkpoint. The loader computes in fp32 as before.
 
 MoE checkpoints: GPTQ needs each expert's inputs, and an expert the router never picks on the
 calibration data has none. GPTQModel falls back to round-to-nearest for modules that saw too
@@ -190,6 +193,33 @@ def quantized_layer_stats(path: Path, bits: int) -> dict:
     }
 
 
+def store_in_16_bits(path: Path) -> dict[str, str]:
+    """Rewrite every float tensor wider than 16 bits in ``path``'s safetensors files as fp16,
+    or bf16 where fp16 would overflow; return ``{name: new dtype}`` of those rewritten."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    changed: dict[str, str] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors = {}
+        with safe_open(file, "pt") as f:
+            metadata = f.metadata()
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.is_floating_point() and t.element_size() > 2:
+                    half = t.to(torch.float16)
+                    t = half if torch.isfinite(half).all() else t.to(torch.bfloat16)
+                    changed[name] = str(t.dtype).removeprefix("torch.")
+                tensors[name] = t
+        if any(n in changed for n in tensors):
+            tmp = file.with_name(f".{file.name}.16bit")
+            save_file(tensors, tmp, metadata=metadata)
+            tmp.replace(file)
+        del tensors
+    return changed
+
+
 def run(inputs: list[Checkpoint], settings: GPTQSettings, out: Path) -> Checkpoint:
     import torch
 
@@ -234,6 +264,8 @@ def run(inputs: list[Checkpoint], settings: GPTQSettings, out: Path) -> Checkpoi
                 q.save(str(st.dir))
         except (ValueError, NotImplementedError, TypeError) as e:
             raise PolmError(f"{STAGE}: GPTQModel could not quantize {parent.path}: {e}") from None
+        del q  # the fp32 model: free it before the tensors are rewritten
+        store_in_16_bits(st.dir)
         carry_files(parent.path, st.dir)  # GPTQModel rewrites these (e.g. do_sample: true)
         metrics = quantized_layer_stats(st.dir, s.bits) | {"params": stored_params(parent.path)}
         metrics |= data_note

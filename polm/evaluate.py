@@ -3,6 +3,13 @@
 Accuracy is exact match of the final answer under batched greedy decoding on a task's fixed
 test split; perplexity is measured on held-out synthetic prose (the same text for every
 checkpoint, so numbers compare along a lineage).
+
+Memory stays bounded whatever the vocabulary: a forward pass that needs logits at every
+position (perplexity, completion log-probabilities) takes only as many rows as keep its fp32
+logits within ``LOGITS_BUDGET`` (a 262k-token vocabulary, Gemma 3's, is 1 MiB per position),
+and generation keeps the logits of the last position only (no scores retained). Decoding stops
+at the task's answer length, derived from its reference answers (:func:`answer_tokens`),
+instead of a fixed 48 tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +20,35 @@ from pathlib import Path
 from polm.tasks import get_task
 
 MAX_NEW_TOKENS = 48
+LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits one forward pass may hold
+ANSWER_SLACK = 8  # tokens beyond the longest reference answer (end token, near misses)
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's output head (the logits' last dimension)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "vocab_size", None) or getattr(config, "vocab_size", 0) or 1)
+
+
+def rows_per_batch(model, tokens_per_row: int, cap: int, budget: int = LOGITS_BUDGET) -> int:
+    """Rows one forward pass may take so that its fp32 logits (rows x tokens x vocabulary)
+    stay within ``budget`` bytes; at least one row, at most ``cap``."""
+    per_row = 4 * vocab_size(model) * max(1, tokens_per_row)
+    return max(1, min(cap, budget // per_row))
+
+
+def answer_tokens(task: str, count) -> int:
+    """Tokens a greedy answer to ``task`` may take: its longest reference answer on the test
+    split (``count(text)`` tokens, in the model's tokenizer) plus a slack for the end token and
+    near misses; a longer answer cannot match the reference any more."""
+    longest = max(count(e.answer) for e in get_task(task).examples("test"))
+    return longest + max(ANSWER_SLACK, longest // 4)
+
+
+def hf_answer_tokens(tokenizer, task: str) -> int:
+    """:func:`answer_tokens` with a transformers tokenizer."""
+    return answer_tokens(task, lambda t: len(tokenizer(t, add_special_tokens=False).input_ids))
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
@@ -36,6 +72,10 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, **sa
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            # only the last position's logits, never the scores of every step
+            return_dict_in_generate=False,
+            output_scores=False,
+            output_logits=False,
             **sampling,
         )
     return tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -48,8 +88,10 @@ def greedy_generate(
     batch_size: int = 128,
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[str]:
-    """Greedy completions for chat ``prompts`` (user turns), decoded in left-padded batches."""
+    """Greedy completions for chat ``prompts`` (user turns), decoded in left-padded batches
+    (as many rows as keep one step's logits, and their processed copies, within budget)."""
     outs: list[str] = []
+    batch_size = rows_per_batch(model, 4, batch_size)
     for i in range(0, len(prompts), batch_size):
         texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
         outs += generate_texts(model, tokenizer, texts, max_new_tokens, do_sample=False)
@@ -68,6 +110,7 @@ def sample_generate(
     """``num_return_sequences`` sampled completions for each chat prompt (seed beforehand)."""
     k = num_return_sequences
     outs: list[list[str]] = []
+    batch_size = max(1, rows_per_batch(model, 4 * k, batch_size))
     for i in range(0, len(prompts), batch_size):
         texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
         flat = generate_texts(
@@ -96,8 +139,12 @@ def task_accuracy(task: str, n: int | None, answer) -> dict:
 
 
 def accuracy(model, tokenizer, task: str, n: int | None = None, batch_size: int = 128) -> dict:
-    """Exact-match accuracy of a torch model on the task's test split."""
-    return task_accuracy(task, n, lambda ps: greedy_generate(model, tokenizer, ps, batch_size))
+    """Exact-match accuracy of a torch model on the task's test split, decoding no further
+    than the task's answer length."""
+    new = hf_answer_tokens(tokenizer, task)
+    return task_accuracy(
+        task, n, lambda ps: greedy_generate(model, tokenizer, ps, batch_size, max_new_tokens=new)
+    )
 
 
 def perplexity(model, tokenizer, n: int = 200) -> float:
@@ -109,9 +156,11 @@ def perplexity(model, tokenizer, n: int = 200) -> float:
     total, count = 0.0, 0
     tokenizer.padding_side = "right"
     lines = [tokenizer.bos_token + s + tokenizer.eos_token for s in prose("heldout", n)]
-    for i in range(0, len(lines), 64):
+    width = max(len(ids) for ids in tokenizer(lines, add_special_tokens=False).input_ids)
+    rows = rows_per_batch(model, width, 64)
+    for i in range(0, len(lines), rows):
         enc = tokenizer(
-            lines[i : i + 64], return_tensors="pt", padding=True, add_special_tokens=False
+            lines[i : i + rows], return_tensors="pt", padding=True, add_special_tokens=False
         ).to(model.device)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         with torch.no_grad():
@@ -221,6 +270,7 @@ def completion_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 12
 
     seqs, prompt_lens = _encode_pairs(tokenizer, rows)
     out: list[float] = []
+    batch_size = rows_per_batch(model, max(map(len, seqs), default=1), batch_size)
     for i in range(0, len(seqs), batch_size):
         ids, mask = _padded(seqs[i : i + batch_size], tokenizer.pad_token_id, model.device)
         with torch.no_grad():
@@ -293,7 +343,8 @@ def evaluate_checkpoint(
 
         lm = OnnxLM(ckpt.path)
         for task in tasks:
-            result = task_accuracy(task, n, lambda ps: lm.greedy(ps, MAX_NEW_TOKENS))
+            new = answer_tokens(task, lambda t: len(lm.tokenizer.encode(t)))
+            result = task_accuracy(task, n, lambda ps, new=new: lm.greedy(ps, new))
             metrics[f"eval.{task}.accuracy"] = result["accuracy"]
             metrics[f"eval.{task}.n"] = result["n"]
         text = lm.chat_prompt(DECODE_PROMPT)

@@ -4,8 +4,13 @@ torch nor transformers).
 An ``onnx`` checkpoint is what onnxruntime-genai's model builder writes (``model.onnx``,
 ``model.onnx.data``, ``genai_config.json``, the tokenizer and its chat template) plus polm's
 manifest. :class:`OnnxLM` renders prompts with the checkpoint's own chat template, tokenizes
-with onnxruntime-genai's tokenizer and decodes greedily in right-padded batches (at most 32
-a batch in onnxruntime-genai 0.18).
+with onnxruntime-genai's tokenizer and decodes greedily in batches of prompts of one token
+length (at most 32 a batch in onnxruntime-genai 0.18).
+
+Why one length a batch: onnxruntime-genai 0.18 pads a batch of prompts on the right, and the
+GroupQueryAttention kernel of a sliding-window model (Gemma 3) refuses the shorter rows of
+the first step (``seqlens_k[0] = 16 is too small for sequence_length 19``). Prompts of equal
+length need no padding, so grouping them works for every model.
 """
 
 from __future__ import annotations
@@ -57,13 +62,21 @@ class OnnxLM:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def generate(self, texts: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy continuations of already rendered ``texts``."""
-        outs: list[str] = []
-        for i in range(0, len(texts), MAX_BATCH):
-            outs += self._batch(texts[i : i + MAX_BATCH], max_new_tokens)
+        """Greedy continuations of already rendered ``texts``, in batches of one prompt length
+        (see the module docstring), returned in the order of ``texts``."""
+        by_length: dict[int, list[int]] = {}
+        for i, text in enumerate(texts):
+            by_length.setdefault(len(self.tokenizer.encode(text)), []).append(i)
+        outs: list[str] = [""] * len(texts)
+        for rows in by_length.values():
+            for k in range(0, len(rows), MAX_BATCH):
+                chunk = rows[k : k + MAX_BATCH]
+                for i, out in zip(chunk, self._batch([texts[i] for i in chunk], max_new_tokens)):
+                    outs[i] = out
         return outs
 
     def _batch(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of ``texts`` that tokenize to the same length (no padding)."""
         import numpy as np
 
         og = self.og

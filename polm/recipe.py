@@ -82,7 +82,9 @@ class Recipe(BaseModel):
 
     name: str = Field(description="Run name (a plain name); outputs go to runs/<name>/.")
     seed: int = Field(default=0, description="Default seed for every stage that takes one.")
-    models: dict[str, str] = Field(description="name -> builtin:NAME, local HF dir or .gguf.")
+    models: dict[str, str] = Field(
+        description="name -> builtin:NAME, local HF dir, .gguf file or pypi:PACKAGE (a GGUF)."
+    )
     eval: list[str] = Field(default_factory=list, description="Tasks evaluated on every output.")
     eval_n: int | None = Field(
         default=None,

@@ -21,6 +21,7 @@ from pathlib import Path
 from polm.checkpoint import Checkpoint, write_json_atomic
 from polm.errors import PolmError
 from polm.recipe import Recipe, check_models, load_recipe
+from polm.resources import PeakRSS
 
 
 @dataclass
@@ -146,7 +147,7 @@ def run_recipe(
         if verbose:
             console.rule(f"[bold]{sid}[/bold] ({uses})")
         log_path = None if verbose else root / "logs" / f"{sid}.log"
-        with stage_output(console, sid, uses, log_path) as bar:
+        with stage_output(console, sid, uses, log_path) as bar, PeakRSS() as rss:
             t0 = time.perf_counter()
             ckpt = make()
             wall = time.perf_counter() - t0
@@ -154,6 +155,7 @@ def run_recipe(
                 bar.start(f"evaluating on {', '.join(recipe.eval) or 'perplexity'}")
             metrics = evaluate_checkpoint(ckpt, recipe.eval, n=eval_n)
         metrics["wall_s"] = round(wall, 2)
+        metrics["peak_rss_bytes"] = rss.peak_bytes  # the stage and its evaluation
         if len(inputs or {}) > 1 and get_stage(uses).compares_inputs:
             metrics.update(merge_comparison(metrics, inputs, recipe.eval))
         # The stage wrote the checkpoint whole; the runner adds what only it knows (the recipe's

@@ -96,6 +96,30 @@ class TaskOrDataset(StageSettings):
         return task_names(self.task)
 
 
+class LoraSettings(StageSettings):
+    """LoRA's fields (Hu et al., arXiv 2106.09685), under PEFT's names, for the stages that
+    train an adapter instead of every weight (``method: lora``)."""
+
+    r: int = Field(default=16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(default=32, gt=0, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: str | list[str] = Field(
+        default="all-linear", description="Modules LoRA adapts."
+    )
+
+    def lora_config(self):
+        """PEFT's ``LoraConfig`` for a causal LM from these settings."""
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.target_modules,
+            task_type=TaskType.CAUSAL_LM,
+        )
+
+
 class TrainingSettings(StageSettings):
     """Fields every training stage takes, under TRL / transformers names."""
 

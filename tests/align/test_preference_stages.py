@@ -80,6 +80,35 @@ def test_every_preference_loss_raises_held_out_preference_accuracy(
     assert acc >= acc0 + 0.05 and margin > margin0, (loss, acc0, acc, margin0, margin)
 
 
+def test_dpo_with_lora_trains_an_adapter_and_writes_the_merged_model(
+    weak_sft, weak_held_out, tmp_path
+):
+    import torch
+
+    settings = DPOSettings(
+        task="add",
+        method="lora",
+        max_steps=25,
+        learning_rate=2e-3,
+        per_device_train_batch_size=8,
+        n_train=2000,
+        sft_weight=0.0,
+    )
+    out = dpo([weak_sft], settings, tmp_path / "lora")
+    assert out.format == "hf" and out.manifest.settings["method"] == "lora"
+    before, _ = load_model(weak_sft)
+    after, _ = load_model(out)
+    total = sum(p.numel() for p in before.parameters())
+    assert out.manifest.metrics["train.trainable_params"] < 0.3 * total
+    old, new = before.state_dict(), after.state_dict()
+    assert set(old) == set(new)  # merged: no adapter tensors left
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and all("proj" in k for k in changed), changed  # the linear layers only
+    acc0, margin0 = weak_held_out
+    acc, margin = held_out(out)
+    assert acc >= acc0 + 0.05 and margin > margin0, (acc0, acc, margin0, margin)
+
+
 def test_dpo_with_its_defaults_reaches_90_percent_and_keeps_the_answers_right(warm_sft, tmp_path):
     """Defaults only (a step budget aside): sigmoid DPO plus the SFT term on the chosen answer
     (RPO, on by default), from the 120-step SFT. Measured on 500 examples: 93.0% -> 95.2%

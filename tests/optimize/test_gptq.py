@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from optimize.gptq import GPTQSettings, run
-from polm.checkpoint import Checkpoint, staging
+from polm.checkpoint import DTYPE_BYTES, Checkpoint, staging, tensor_specs
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
 from polm.loading import load_model
@@ -63,6 +63,13 @@ def test_gptq_keeps_accuracy_reloads_and_shrinks(
     # the parent's generation config and tokenizer, not GPTQModel's rewrites
     for name in ("generation_config.json", "tokenizer.json"):
         assert (ckpt.path / name).read_bytes() == (add_sft.path / name).read_bytes()
+    # nothing is stored in more than 16 bits but GPTQ's packed int32 words: the embedding,
+    # norms and head that stay unquantized are fp16 (they were fp32, 3x a GGUF Q4_K_M)
+    specs = tensor_specs(ckpt.path)
+    wide = {k: d for k, (d, _) in specs.items() if DTYPE_BYTES[d] > 2}
+    assert wide and all(d == "I32" for d in wide.values()), wide
+    assert {k.rpartition(".")[2] for k in wide} <= {"qweight", "qzeros", "g_idx"}, wide
+    assert specs["model.embed_tokens.weight"][0] == "F16"
 
 
 def _silence_expert(moe_ckpt: Checkpoint, out) -> Checkpoint:

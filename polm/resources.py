@@ -1,0 +1,92 @@
+"""Peak memory of a piece of work (a stage and its evaluation): :class:`PeakRSS`.
+
+The resident set size of this process and of its child processes (the ONNX model builder,
+DDP workers) is sampled in a background thread; on Linux the kernel's own high-water mark of
+this process (``VmHWM``, reset on entry through ``/proc/self/clear_refs``) is added, so a
+short spike between two samples of this process is not missed. What is reported is the
+largest total seen, in bytes.
+
+On entry, memory the allocator holds but no longer uses (a previous stage's model) is handed
+back to the OS (``malloc_trim``), so that the peak belongs to the work measured and not to
+what ran before it in the same process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import threading
+from pathlib import Path
+
+import psutil
+
+INTERVAL_S = 0.05
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the allocator's free memory back to the OS (glibc)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS; False where the kernel does not let us."""
+    try:
+        CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _high_water_mark() -> int:
+    for line in STATUS.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRSS:
+    """``with PeakRSS() as rss: ...`` then ``rss.peak_bytes``: the largest resident set of this
+    process plus its children while the block ran."""
+
+    def __init__(self, interval_s: float = INTERVAL_S):
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+        self._hwm = False
+
+    def sample(self) -> int:
+        """This process's RSS plus its live children's, now."""
+        total = self._proc.memory_info().rss
+        for child in self._proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:  # it ended between listing and reading
+                pass
+        self.peak_bytes = max(self.peak_bytes, total)
+        return total
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> PeakRSS:
+        release_free_memory()
+        self._hwm = _reset_high_water_mark()
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        if self._hwm:
+            self.peak_bytes = max(self.peak_bytes, _high_water_mark())
