@@ -377,10 +377,13 @@ def _package_current(target: str, out: Path, src: Checkpoint) -> bool:
 
 
 def serve_hint(recipe: Recipe, results: list[StageResult], packages: list) -> str:
-    """How to serve the run's final model (the last stage's output) and run its package."""
+    """How to serve the run's final model (what its first package is made from, else the last
+    stage's output) and run its packages."""
     if not results:
         return ""
-    final = results[-1]
+    by_id = {r.id: r for r in results}
+    final = by_id.get(packages[0]["from"]) if packages else None
+    final = final or results[-1]
     lines = [
         f"serve the final model ({final.id}): polm serve {final.checkpoint.path}",
         f"  (or, from the repository: bentoml serve --arg model={final.checkpoint.path})",
