@@ -297,7 +297,11 @@ def evaluate_checkpoint(
     import torch
 
     from polm.loading import is_reward_model, load_model, load_reward_model
+    from polm.resources import release_free_memory
 
+    # the stage that just ran may leave its model and trainer in reference cycles: collect
+    # them before a second model is loaded (the runner evaluates in the stage's process)
+    release_free_memory()
     metrics: dict = {"size_bytes": size_bytes(ckpt.path)}
     if ckpt.format == "onnx":  # onnxruntime-genai alone: accuracy only
         from polm.onnxrt import OnnxLM
