@@ -31,11 +31,12 @@ def vocab_size(model) -> int:
     return int(getattr(text, "vocab_size", None) or getattr(config, "vocab_size", 0) or 1)
 
 
-def rows_per_batch(model, tokens_per_row: int, cap: int, budget: int = LOGITS_BUDGET) -> int:
+def rows_per_batch(model, tokens_per_row: int, cap: int, budget: int | None = None) -> int:
     """Rows one forward pass may take so that its fp32 logits (rows x tokens x vocabulary)
-    stay within ``budget`` bytes; at least one row, at most ``cap``."""
+    stay within ``budget`` bytes (default ``LOGITS_BUDGET``); at least one row, at most
+    ``cap``."""
     per_row = 4 * vocab_size(model) * max(1, tokens_per_row)
-    return max(1, min(cap, budget // per_row))
+    return max(1, min(cap, (budget or LOGITS_BUDGET) // per_row))
 
 
 def answer_tokens(task: str, count) -> int:
@@ -91,6 +92,7 @@ def greedy_generate(
     """Greedy completions for chat ``prompts`` (user turns), decoded in left-padded batches
     (as many rows as keep one step's logits, and their processed copies, within budget)."""
     outs: list[str] = []
+    # one position's logits a row, and the copies generate's logits processors make of them
     batch_size = rows_per_batch(model, 4, batch_size)
     for i in range(0, len(prompts), batch_size):
         texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
@@ -110,7 +112,7 @@ def sample_generate(
     """``num_return_sequences`` sampled completions for each chat prompt (seed beforehand)."""
     k = num_return_sequences
     outs: list[list[str]] = []
-    batch_size = max(1, rows_per_batch(model, 4 * k, batch_size))
+    batch_size = rows_per_batch(model, 4 * k, batch_size)  # k rows a prompt
     for i in range(0, len(prompts), batch_size):
         texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
         flat = generate_texts(
@@ -336,7 +338,11 @@ def evaluate_checkpoint(
     import torch
 
     from polm.loading import is_reward_model, load_model, load_reward_model
+    from polm.resources import release_free_memory
 
+    # the stage that just ran may leave its model and trainer in reference cycles: collect
+    # them before a second model is loaded (the runner evaluates in the stage's process)
+    release_free_memory()
     metrics: dict = {"size_bytes": size_bytes(ckpt.path)}
     if ckpt.format == "onnx":  # onnxruntime-genai alone: accuracy only
         from polm.onnxrt import OnnxLM
