@@ -108,16 +108,27 @@ class OnnxLM:
         """Greedy answers to chat ``prompts`` (user turns)."""
         return self.generate([self.chat_prompt(p) for p in prompts], max_new_tokens)
 
-    def decode_exactly(self, text: str, new_tokens: int) -> None:
-        """Decode ``new_tokens`` greedy tokens after ``text`` whatever they are (end of text
-        included): a fixed amount of work, for timing."""
+    def decode_exactly(self, text: str, new_tokens: int) -> tuple[int, float]:
+        """Decode up to ``new_tokens`` greedy tokens after ``text``, past the end of text (a
+        fixed amount of work, for timing); return how many came after the first (the prefill's)
+        token and the seconds they took."""
+        import time
+
         ids = self.tokenizer.encode(text)
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=self.max_length(len(ids), new_tokens), do_sample=False)
+        params.set_search_options(
+            max_length=self.max_length(len(ids), new_tokens),
+            min_length=len(ids) + new_tokens,  # no early end of text
+            do_sample=False,
+        )
         gen = self.og.Generator(self.model, params)
         gen.append_tokens(ids)
-        for _ in range(new_tokens):
+        gen.generate_next_token()  # the prefill and first token
+        t0, done = time.perf_counter(), 1
+        while done < new_tokens and not gen.is_done():
             gen.generate_next_token()
+            done += 1
+        return done - 1, time.perf_counter() - t0
 
     def next_token_logits(self, text: str):
         """The logits after ``text`` (a numpy vector over the vocabulary)."""

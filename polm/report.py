@@ -194,7 +194,12 @@ def size_accuracy_plot(report: dict) -> str | None:
         label="Pareto front",
         zorder=2,
     )
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("size on disk (MB, log scale)")
     ax.set_ylabel(f"mean accuracy (%) on {', '.join(report['eval'])}")
     ax.grid(alpha=0.3)

@@ -338,12 +338,17 @@ def make_packages(recipe: Recipe, root: Path, ckpts: dict[str, Checkpoint], cons
     made = []
     for name, pkg in recipe.packages.items():
         if pkg.from_ not in ckpts:  # downstream of a failed gate
-            console.print(f"[yellow]- package {name}: not made, downstream of a failed gate")
+            console.print(
+                f"[yellow]- package {name}: not made, downstream of a failed gate", soft_wrap=True
+            )
             continue
         src, out = ckpts[pkg.from_], root / "packages" / name
         record = {"name": name, "target": pkg.target, "from": pkg.from_, "path": str(out)}
         if _package_current(pkg.target, out, src):
-            console.print(f"[dim]= package {name} ({pkg.target}): unchanged, skipped ({out})[/dim]")
+            console.print(
+                f"[dim]= package {name} ({pkg.target}): unchanged, skipped ({out})[/dim]",
+                soft_wrap=True,
+            )
             made.append(record | {"status": "cached"})
             continue
         t0 = time.perf_counter()

@@ -92,10 +92,13 @@ def _whole_checkpoints(work: Path) -> dict[str, Checkpoint]:
             ckpt = Checkpoint.open(d)  # raises on a directory without a valid manifest
             ckpt.verify()  # raises when the files do not match the manifest's hash
             found[sid] = ckpt
-    allowed = {*STAGES, "models", "logs", "report.json", ".lock"}
+    allowed = {*STAGES, "models", "logs", "report.json", ".lock", "packages"}
+    allowed |= {"report.html", "report.md", "report-plots"}  # rendered from report.json
     for parent, names in ((work, STAGES), (work / "models", MODELS)):
         for entry in parent.iterdir() if parent.is_dir() else ():
-            if entry.name in allowed | set(MODELS) or entry.name.startswith(".report.json.tmp-"):
+            if entry.name in allowed | set(MODELS) or entry.name.startswith(
+                (".report.json.tmp-", ".report.html.tmp")
+            ):
                 continue
             assert any(entry.name.startswith(f".{n}.") for n in names), (
                 f"unexpected {entry} in the run directory"
