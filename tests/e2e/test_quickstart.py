@@ -102,17 +102,7 @@ def test_the_edge_package_answers_as_the_served_final_model(run, tmp_path):
     prompts += [e.prompt for e in get_task("compare").examples("test", 10)]
     server = Server(tmp_path, model=final.path)
     try:
-        served = [
-            server.client.chat.completions.create(
-                model=server.model,
-                messages=[{"role": "user", "content": p}],
-                temperature=0,
-                max_tokens=48,
-            )
-            .choices[0]
-            .message.content
-            for p in prompts
-        ]
+        served = _greedy(server.client, server.model, prompts)
     finally:
         server.stop()
     from openai import OpenAI
@@ -134,18 +124,22 @@ def test_the_edge_package_answers_as_the_served_final_model(run, tmp_path):
                 assert proc.poll() is None, "the edge runner exited"
                 time.sleep(0.2)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-        name = client.models.list().data[0].id
-        edge = [
-            client.chat.completions.create(
-                model=name,
-                messages=[{"role": "user", "content": p}],
-                temperature=0,
-                max_tokens=48,
-            )
-            .choices[0]
-            .message.content
-            for p in prompts
-        ]
+        edge = _greedy(client, client.models.list().data[0].id, prompts)
     finally:
         stop_process_tree(proc)
     assert edge == served
+
+
+def _greedy(client, model: str, prompts: list[str]) -> list[str]:
+    """One greedy chat answer per prompt from an OpenAI-compatible endpoint."""
+    return [
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": p}],
+            temperature=0,
+            max_tokens=48,
+        )
+        .choices[0]
+        .message.content
+        for p in prompts
+    ]
