@@ -168,6 +168,21 @@ class Server:
         stop_process_tree(self.proc)
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``url`` answers (any status) while ``proc``, the server, keeps running."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            assert proc.poll() is None, f"the server behind {url} exited"
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
 def stop_process_tree(proc: subprocess.Popen) -> None:
     """Kill a server and its workers: BentoML's workers leave the process group."""
     import psutil

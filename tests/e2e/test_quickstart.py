@@ -5,15 +5,13 @@ network, and the edge package answers as `bentoml serve` of the final model does
 import json
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import yaml
 
 from polm.checkpoint import Checkpoint
 from polm.tasks import get_task
-from tests.helpers import REPO, Server, free_port, polm_cli, stop_process_tree
+from tests.helpers import REPO, Server, free_port, polm_cli, stop_process_tree, wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -115,14 +113,7 @@ def test_the_edge_package_answers_as_the_served_final_model(run, tmp_path):
         cwd=package,  # not the repository: the package stands alone
     )
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, "the edge runner exited"
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         edge = _greedy(client, client.models.list().data[0].id, prompts)
     finally:

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ from polm.errors import PolmError
 from polm.tasks import get_task
 from serve.edge import check_package, package_edge
 from serve.state import ServerState, load_state
-from tests.helpers import answers, free_port, polm_cli
+from tests.helpers import answers, free_port, polm_cli, wait_healthy
 
 pytestmark = pytest.mark.slow
 PROMPTS = [ex.prompt for ex in get_task("add").examples("test", 5)]
@@ -126,13 +125,7 @@ def test_the_runner_in_a_bare_venv_answers_like_the_service(package, onnx_int4, 
         cwd=package,  # not the repository, whose polm/ would be importable
     )
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout=60)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
         model = client.models.list().data[0].id
         r = client.chat.completions.create(
