@@ -159,13 +159,13 @@ def merge_job(base, models, method: str = "ties"):
     """polm's settings and the (config dict, MergeOptions) the stage builds from them."""
     from mergekit.merge import MergeOptions
 
-    from merge.mergekit import plan
+    from merge.mergekit import out_shard_bytes, plan
     from polm.registry import settings_class
 
     s = settings_class("merge.mergekit")(
         merge_method=method, base_model=0, parameters={"density": 0.5}
     )
-    cfg, _ = plan(s, [base, *models])
+    cfg, used = plan(s, [base, *models])
     options = MergeOptions(  # what merge/mergekit.py passes
         random_seed=s.seed,
         copy_tokenizer=False,
@@ -176,6 +176,7 @@ def merge_job(base, models, method: str = "ties"):
         device="cpu",
         quiet=True,
         write_model_card=False,
+        out_shard_size=out_shard_bytes(s, used),
     )
     return s, cfg, options
 

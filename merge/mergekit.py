@@ -20,7 +20,10 @@ that needs a base gets the inputs' nearest shared ancestor from their lineage wh
 ``base_model`` is not given; parameter names are checked against the method before any weight is
 read; ``seed`` seeds the stochastic methods (DARE, DELLA), so the same seed writes the same
 bytes; the output is checked for NaN/Inf before it is committed; every model merged, the base
-included, is a parent in the manifest.
+included, is a parent in the manifest. Memory stays near the size of one input: each input's
+memory-mapped file is closed after every read, and the output is written in files of an eighth
+of the largest input (``out_shard_size``; mergekit holds a whole file's tensors until it writes
+it, and its default is 5 GB).
 
 Methods: Wortsman et al. 2022 (model soups, ``linear``), Ilharco et al. 2023 (task arithmetic),
 Yadav et al. 2023 (TIES), Yu et al. 2024 (DARE), Jang et al. 2024 (model stock), Deep et al.
@@ -76,6 +79,17 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+def shard_bytes(v: int | str) -> int:
+    """mergekit's size syntax (its ``parse_kmb``): an integer, or one with a K, M or B suffix
+    (thousand, million, billion); 0 for anything else."""
+    if isinstance(v, int):
+        return v
+    text = str(v).strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:], 1)
+    digits = text[:-1] if scale > 1 else text
+    return int(digits) * scale if digits.isdigit() else 0
+
+
 class MergekitSettings(StageSettings):
     """Settings of ``merge.mergekit``: mergekit's configuration fields, plus ``seed``."""
 
@@ -103,6 +117,20 @@ class MergekitSettings(StageSettings):
         "base's (or first model's) tokenizer unchanged.",
     )
     seed: int = Field(default=0, description="Seed for stochastic methods (DARE, DELLA).")
+    out_shard_size: int | str | None = Field(
+        default=None,
+        description="Largest output safetensors file, in bytes, with mergekit's K/M/B suffixes "
+        "(mergekit's --out-shard-size). mergekit's writer holds one file's tensors in memory "
+        "until it writes it, so this bounds the merge's own memory; default: an eighth of the "
+        "largest input, between 64M and 2B.",
+    )
+
+    @field_validator("out_shard_size")
+    @classmethod
+    def _shard_size(cls, v: int | str | None) -> int | str | None:
+        if v is not None and shard_bytes(v) < 10**6:
+            raise ValueError(f"must be at least 1M (bytes, e.g. 512M or 2B), got {v!r}")
+        return v
 
     @field_validator("merge_method")
     @classmethod
@@ -267,6 +295,16 @@ def shards_closed_between_reads(enabled: bool = True):
         LazyTensorLoader.get_tensor = get
 
 
+def out_shard_bytes(s: MergekitSettings, inputs: list[Checkpoint]) -> int:
+    """The output file size: the setting, or an eighth of the largest input within [64M, 2B].
+    On a 947 MB TIES job, 512M files peaked 1033 MB over the interpreter and 128M files 560 MB
+    (bench/merge_memory.py); mergekit's own default (5B) holds the whole output."""
+    if s.out_shard_size is not None:
+        return shard_bytes(s.out_shard_size)
+    largest = max(_weights_bytes(c.path) for c in inputs)
+    return min(2 * 10**9, max(64 * 10**6, largest // 8))
+
+
 def _weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
@@ -319,6 +357,7 @@ def run(inputs: list[Checkpoint], settings: MergekitSettings, out: Path) -> Chec
         device="cpu",
         quiet=True,
         write_model_card=False,
+        out_shard_size=out_shard_bytes(s, used),
     )
     with staging(out) as st:
         try:

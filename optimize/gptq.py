@@ -45,6 +45,7 @@ from polm.checkpoint import (
     tensor_specs,
 )
 from polm.errors import PolmError
+from polm.resources import release_free_memory
 from polm.stage import TaskOrDataset, carry_files, single_input, with_parent_data
 
 STAGE = "optimize.gptq"
@@ -193,30 +194,26 @@ def quantized_layer_stats(path: Path, bits: int) -> dict:
     }
 
 
-def store_in_16_bits(path: Path) -> dict[str, str]:
-    """Rewrite every float tensor wider than 16 bits in ``path``'s safetensors files as fp16,
-    or bf16 where fp16 would overflow; return ``{name: new dtype}`` of those rewritten."""
+def to_16_bits(model) -> dict[str, str]:
+    """Cast, in place, every float parameter and buffer wider than 16 bits to fp16, or bf16
+    where fp16 would overflow; return ``{name: new dtype}``. Done on the quantized model before
+    GPTQModel saves it, so that nothing is written twice: rewriting the saved file instead held
+    all its tensors at once (1.8 GB over the stage's baseline on Gemma 3 270M)."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     changed: dict[str, str] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors = {}
-        with safe_open(file, "pt") as f:
-            metadata = f.metadata()
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if t.is_floating_point() and t.element_size() > 2:
-                    half = t.to(torch.float16)
-                    t = half if torch.isfinite(half).all() else t.to(torch.bfloat16)
-                    changed[name] = str(t.dtype).removeprefix("torch.")
-                tensors[name] = t
-        if any(n in changed for n in tensors):
-            tmp = file.with_name(f".{file.name}.16bit")
-            save_file(tensors, tmp, metadata=metadata)
-            tmp.replace(file)
-        del tensors
+    named = [*model.named_parameters(), *model.named_buffers()]  # tied weights appear once
+    for name, t in named:
+        if t.is_floating_point() and t.element_size() > 2:
+            half = torch.empty_like(t.data, dtype=torch.float16)
+            rows = max(1, 2**22 // max(1, t[0].numel())) if t.dim() else 1
+            finite = True
+            for i in range(0, max(1, len(t)) if t.dim() else 1, rows):  # no full-size temporaries
+                part = half[i : i + rows] if t.dim() else half
+                part.copy_(t.data[i : i + rows] if t.dim() else t.data)
+                finite = finite and bool(torch.isfinite(part).all())
+            t.data = half if finite else t.data.to(torch.bfloat16)
+            changed[name] = str(t.dtype).removeprefix("torch.")
     return changed
 
 
@@ -260,12 +257,20 @@ def run(inputs: list[Checkpoint], settings: GPTQSettings, out: Path) -> Checkpoi
                 trust_remote_code=False,
             )
             q.quantize(texts, batch_size=s.batch_size, tokenizer=tokenizer)
+            release_free_memory()  # calibration inputs and Hessians, before the cast
+            to_16_bits(q.model)
             with contextlib.redirect_stdout(io.StringIO()):  # save() prints its config
                 q.save(str(st.dir))
         except (ValueError, NotImplementedError, TypeError) as e:
             raise PolmError(f"{STAGE}: GPTQModel could not quantize {parent.path}: {e}") from None
-        del q  # the fp32 model: free it before the tensors are rewritten
-        store_in_16_bits(st.dir)
+        # GPTQModel's worker threads keep their last task's closure, and with it the looper
+        # and this wrapper, until they run another task: drop the model from the wrapper so
+        # that it is freed now (0.7 GB on Gemma 3 270M, on top of the evaluation)
+        q.model = None
+        del q
+        wide = [n for n, (dtype, _) in tensor_specs(st.dir).items() if dtype in ("F32", "F64")]
+        if wide:
+            raise PolmError(f"{STAGE}: GPTQModel saved {', '.join(wide[:3])} in more than 16 bits.")
         carry_files(parent.path, st.dir)  # GPTQModel rewrites these (e.g. do_sample: true)
         metrics = quantized_layer_stats(st.dir, s.bits) | {"params": stored_params(parent.path)}
         metrics |= data_note

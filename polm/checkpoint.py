@@ -29,6 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from polm.errors import PolmError
 
 MANIFEST = "polm.json"
+# the trainer's log history (loss, lr, rewards per logged step): a record of how the weights
+# were made, like the manifest, so not part of the content hash. A stage resumed from a saved
+# step writes the same weights as an uninterrupted run but a different log (transformers and TRL
+# do not save their logging accumulators), and must not make every stage downstream re-run.
+TRAIN_LOG = "train_log.json"
+RECORDS = (MANIFEST, TRAIN_LOG)
 FORMATS = ("hf", "peft-adapter", "gptq", "onebit", "onnx")
 TRACKED_LIBRARIES = (
     "polm",
@@ -141,10 +147,11 @@ class Checkpoint:
 
 
 def content_hash(path: Path) -> str:
-    """SHA-256 over every file's relative path and bytes, the manifest excluded."""
+    """SHA-256 over every file's relative path and bytes, the records (manifest, training log)
+    excluded."""
     h = hashlib.sha256()
     root = Path(path)
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in RECORDS):
         h.update(f.relative_to(root).as_posix().encode() + b"\0")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):

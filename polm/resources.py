@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import sys
 import threading
 from pathlib import Path
 
@@ -25,8 +26,28 @@ STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+def drop_stored_tracebacks() -> int:
+    """Detach the traceback of every exception kept in a module's globals; returns how many.
+
+    Optional-dependency guards keep the exception for later (``except Exception as e:
+    _IMPORT_ERROR = e``, GPTQModel's llama.cpp kernel among them). When such a module is first
+    imported inside a stage (PEFT imports GPTQModel while wrapping a model for LoRA), the
+    traceback holds the import's frame, and through it every caller's frame: the trainer and
+    its model stayed alive after the stage, 1.9 GB on Gemma 3 270M, on top of the next stage.
+    The exception itself stays, for the module to re-raise.
+    """
+    dropped = 0
+    for module in list(sys.modules.values()):
+        for value in list(getattr(module, "__dict__", {}).values()):
+            if isinstance(value, BaseException) and value.__traceback__ is not None:
+                value.__traceback__ = None
+                dropped += 1
+    return dropped
+
+
 def release_free_memory() -> None:
     """Collect garbage and hand the allocator's free memory back to the OS (glibc)."""
+    drop_stored_tracebacks()
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 from polm import progress
-from polm.checkpoint import Checkpoint, staging
+from polm.checkpoint import TRAIN_LOG, Checkpoint, staging
 from polm.errors import PolmError
 from polm.settings import StageSettings
 from polm.stage import DataSettings, TrainingSettings
 
 log = logging.getLogger("polm")
-TRAIN_LOG = "train_log.json"  # the trainer's log history (loss, lr, rewards per logged step)
 
 
 def task_examples(s: DataSettings) -> int | None:

@@ -206,3 +206,30 @@ def test_input_shards_closed_between_reads_keep_the_bytes(
         assert loader.current_shard is None
     loader.get_tensor("model.norm.weight")
     assert loader.current_shard is not None
+
+
+def test_a_small_out_shard_size_writes_the_same_tensors_in_several_files(
+    base_ckpt, experts, tmp_path
+):
+    """``out_shard_size`` bounds what mergekit's writer holds in memory: the output is split in
+    files of at most that many bytes, with the index transformers reads, and the tensors are the
+    single-file merge's."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    s = {"merge_method": "ties", "parameters": {"density": 0.5}}
+    whole = merge([base_ckpt, *experts], MergekitSettings(**s), tmp_path / "whole")
+    split = merge(
+        [base_ckpt, *experts], MergekitSettings(**s, out_shard_size="1M"), tmp_path / "split"
+    )
+    files = sorted(split.path.glob("*.safetensors"))
+    assert len(files) > 1 and (split.path / "model.safetensors.index.json").is_file()
+    assert len(list(whole.path.glob("*.safetensors"))) == 1
+    got = {k: v for f in files for k, v in load_file(f).items()}
+    want = weights(whole)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    model = AutoModelForCausalLM.from_pretrained(split.path)
+    assert model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3).shape[1] == 6
+    with pytest.raises(ValueError, match="at least 1M"):
+        MergekitSettings(**s, out_shard_size="12x")

@@ -1,9 +1,10 @@
-"""PeakRSS sees memory allocated and freed inside the block, in this process and in a child."""
+"""PeakRSS sees memory allocated and freed inside the block, in this process and in a child;
+memory a library keeps alive through a stored exception is released between stages."""
 
 import subprocess
 import sys
 
-from polm.resources import PeakRSS
+from polm.resources import PeakRSS, release_free_memory
 
 MB = 2**20
 
@@ -24,3 +25,33 @@ def test_a_child_process_counts():
         own = rss.sample()
         subprocess.run([sys.executable, "-c", code], check=True)
     assert rss.peak_bytes >= own + 250 * MB
+
+
+def test_an_exception_a_module_keeps_no_longer_keeps_its_callers_alive(monkeypatch):
+    """The GPTQModel pattern: a module imported inside a stage keeps its import error, whose
+    traceback holds the stage's frames and their locals (the model)."""
+    import types
+    import weakref
+
+    class Model:  # stands for the trainer and its weights
+        pass
+
+    module = types.ModuleType("polm_test_optional_dep")
+
+    def stage():
+        model = Model()
+        try:
+            raise ImportError("optional kernel missing")
+        except ImportError as e:  # as `import` would do it: the module keeps the error
+            module._IMPORT_ERROR = e
+        return weakref.ref(model)
+
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    ref = stage()
+    import gc
+
+    gc.collect()
+    assert ref() is not None  # the leak, as it was
+    release_free_memory()
+    assert ref() is None
+    assert isinstance(module._IMPORT_ERROR, ImportError)  # still there to re-raise
