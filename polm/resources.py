@@ -18,6 +18,7 @@ import gc
 import sys
 import threading
 from pathlib import Path
+from types import ModuleType
 
 import psutil
 
@@ -38,8 +39,10 @@ def drop_stored_tracebacks() -> int:
     """
     dropped = 0
     for module in list(sys.modules.values()):
-        for value in list(getattr(module, "__dict__", {}).values()):
-            if isinstance(value, BaseException) and value.__traceback__ is not None:
+        for value in list(vars(module).values()) if isinstance(module, ModuleType) else ():
+            # type(), not isinstance(): some globals are deprecation proxies whose __class__
+            # warns (torch.distributed.reduce_op)
+            if issubclass(type(value), BaseException) and value.__traceback__ is not None:
                 value.__traceback__ = None
                 dropped += 1
     return dropped

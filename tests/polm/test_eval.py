@@ -24,7 +24,7 @@ def test_batches_shrink_with_the_vocabulary_and_the_results_do_not_change(base_c
     from polm.preference import preference_pairs
 
     gemma = SimpleNamespace(config=SimpleNamespace(vocab_size=262_144))  # 1 MiB a position
-    assert evaluate.rows_per_batch(gemma, 40, 64) == 6  # 256 MiB of fp32 logits
+    assert evaluate.rows_per_batch(gemma, 40, 64) == 2  # 96 MiB of fp32 logits: 80 MiB
     assert evaluate.rows_per_batch(gemma, 4000, 64) == 1
     model, tok = load_model(base_ckpt)
     pairs = preference_pairs("add", "test", 10)
