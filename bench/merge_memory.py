@@ -36,9 +36,15 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's resident high-water mark (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``:
+    Linux carries that across fork and exec, so a child spawned by a process that had just
+    written 3 GB of inputs reported the parent's peak as its own (2667 MB for a merge whose
+    own peak was under 1 GB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def build_inputs(work: Path, hidden: int, layers: int):

@@ -14,6 +14,8 @@ The recipe is small (builtin:tiny-base -> a 30-step SFT on add -> a 10-step SFT 
 evaluated on 8 add examples) so one run takes well under a minute on 2 cores. Kill points are
 drawn uniformly over the time the rest of the run is expected to take (from the uninterrupted
 run's timings), so they fall in startup, training, writing, evaluation and bookkeeping alike.
+A run that ends before its kill (the machine got faster than during the reference run) rescales
+the timings, and the next kills go to a fresh run directory.
 
 More kills: ``POLM_KILLS=20`` (default 3); another sequence of kill points:
 ``POLM_KILL_SEED=N`` (default 0). Example::
@@ -144,7 +146,8 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_hashes(tmp_
         for sid, d in _stage_dirs(reference).items()
     }
 
-    work, rng = tmp_path / "killed", random.Random(SEED)
+    rng, fresh = random.Random(SEED), 0
+    work = tmp_path / "killed"
     interrupted, finished_before = 0, {}
     for i in range(KILLS):
         done = _whole_checkpoints(work)
@@ -152,7 +155,12 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_hashes(tmp_
         remaining_s = max(1.0, total_s - sum(stage_s[s] for s in finished))
         delay = rng.uniform(0.02, 0.95) * remaining_s
         proc = _start(recipe, work)
-        time.sleep(delay)
+        t0 = time.monotonic()
+        try:
+            proc.wait(timeout=delay)
+            ran_out = time.monotonic() - t0  # the run ended before its kill
+        except subprocess.TimeoutExpired:
+            ran_out = None
         interrupted += _kill_group(proc)
 
         after = _whole_checkpoints(work)
@@ -166,6 +174,15 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_hashes(tmp_
         finished_before = {
             s: c.manifest.content_hash for s, c in after.items() if c.manifest.input_hash
         }
+        if ran_out is not None:
+            # the machine runs faster now than during the reference run (other work shared
+            # it then): rescale the expected times, and go on in a fresh directory so that the
+            # next kills still have a run to interrupt
+            scale = ran_out / remaining_s
+            total_s *= scale
+            stage_s = {sid: t * scale for sid, t in stage_s.items()}
+            fresh += 1
+            work, finished_before = tmp_path / f"killed-{fresh}", {}
     assert interrupted, "every kill came after the run had ended: nothing was interrupted"
 
     _run_to_completion(recipe, work)
