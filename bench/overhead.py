@@ -157,28 +157,14 @@ def perturbed(base, out: Path, seed: int, scale: float = 0.02):
 
 def merge_job(base, models, method: str = "ties"):
     """polm's settings and the (config dict, MergeOptions) the stage builds from them."""
-    from mergekit.merge import MergeOptions
-
-    from merge.mergekit import out_shard_bytes, plan
+    from merge.mergekit import merge_options, plan, weights_bytes
     from polm.registry import settings_class
 
     s = settings_class("merge.mergekit")(
         merge_method=method, base_model=0, parameters={"density": 0.5}
     )
     cfg, used = plan(s, [base, *models])
-    options = MergeOptions(  # what merge/mergekit.py passes
-        random_seed=s.seed,
-        copy_tokenizer=False,
-        trust_remote_code=False,
-        lazy_unpickle=False,
-        safe_serialization=True,
-        allow_crimes=False,
-        device="cpu",
-        quiet=True,
-        write_model_card=False,
-        out_shard_size=out_shard_bytes(s, used),
-    )
-    return s, cfg, options
+    return s, cfg, merge_options(s, max(weights_bytes(c.path) for c in used))
 
 
 def merge(work: Path, repeats: int, base=None) -> list[dict]:

@@ -295,17 +295,36 @@ def shards_closed_between_reads(enabled: bool = True):
         LazyTensorLoader.get_tensor = get
 
 
-def out_shard_bytes(s: MergekitSettings, inputs: list[Checkpoint]) -> int:
-    """The output file size: the setting, or an eighth of the largest input within [64M, 2B].
-    On a 947 MB TIES job, 512M files peaked 1033 MB over the interpreter and 128M files 560 MB
-    (bench/merge_memory.py); mergekit's own default (5B) holds the whole output."""
+def out_shard_bytes(s: MergekitSettings, largest: int) -> int:
+    """The output file size: the setting, or an eighth of the largest input (``largest``
+    bytes) within [64M, 2B]. On a 947 MB TIES job, 512M files peaked 1033 MB over the
+    interpreter and 128M files 560 MB (bench/merge_memory.py); mergekit's own default (5B)
+    holds the whole output."""
     if s.out_shard_size is not None:
         return shard_bytes(s.out_shard_size)
-    largest = max(_weights_bytes(c.path) for c in inputs)
     return min(2 * 10**9, max(64 * 10**6, largest // 8))
 
 
-def _weights_bytes(path: Path) -> int:
+def merge_options(s: MergekitSettings, largest: int):
+    """The ``MergeOptions`` the stage runs mergekit with (``largest``: the largest input's
+    weight bytes)."""
+    from mergekit.merge import MergeOptions
+
+    return MergeOptions(
+        random_seed=s.seed,
+        copy_tokenizer=s.tokenizer_source is not None,
+        trust_remote_code=False,
+        lazy_unpickle=False,
+        safe_serialization=True,
+        allow_crimes=False,
+        device="cpu",
+        quiet=True,
+        write_model_card=False,
+        out_shard_size=out_shard_bytes(s, largest),
+    )
+
+
+def weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
@@ -341,27 +360,16 @@ def run(inputs: list[Checkpoint], settings: MergekitSettings, out: Path) -> Chec
     cfg, used = plan(s, inputs)
 
     from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
+    from mergekit.merge import run_merge
 
     try:
         config = MergeConfiguration.model_validate(cfg)
     except Exception as e:  # pydantic's error, in mergekit's words
         raise PolmError(f"{STAGE}: mergekit refused the configuration: {e}") from None
-    options = MergeOptions(
-        random_seed=s.seed,
-        copy_tokenizer=s.tokenizer_source is not None,
-        trust_remote_code=False,
-        lazy_unpickle=False,
-        safe_serialization=True,
-        allow_crimes=False,
-        device="cpu",
-        quiet=True,
-        write_model_card=False,
-        out_shard_size=out_shard_bytes(s, used),
-    )
+    largest = max(weights_bytes(c.path) for c in used)
+    options = merge_options(s, largest)
     with staging(out) as st:
         try:
-            largest = max(_weights_bytes(c.path) for c in used)
             with shards_closed_between_reads(largest >= CLOSE_SHARDS_FROM_BYTES):
                 run_merge(config, str(st.dir), options=options)
         except (RuntimeError, ValueError, KeyError) as e:
