@@ -49,6 +49,24 @@ def test_the_export_runs_with_onnxruntime_genai_alone(onnx_int4):
 
 
 @pytest.mark.slow
+def test_streamed_int4_quantization_writes_the_stock_builders_bytes(onnx_int4, add_sft, tmp_path):
+    # polm streams the unquantized graph to disk before onnxruntime's quantizer reads it (a
+    # third of the builder's peak memory); the stock builder, run as its own CLI, must agree
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(add_sft.path), "-o", str(tmp_path / "stock"), "-p", "int4", "-e", "cpu",
+        "-c", str(tmp_path / "cache"),
+        "--extra_options", *OnnxSettings(precision="int4").builder_options(),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("model.onnx", "model.onnx.data"):
+        stock = (tmp_path / "stock" / name).read_bytes()
+        assert stock == (onnx_int4.path / name).read_bytes(), name
+    assert not list(onnx_int4.path.parent.glob(".*builder-cache"))  # the streamed copy is gone
+
+
+@pytest.mark.slow
 def test_fp32_export_matches_torch_logits(add_sft, tmp_path):
     s = OnnxSettings(precision="fp32", task="add", parity_n=20)
     ckpt = run([add_sft], s, tmp_path / "fp32")
