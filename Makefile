@@ -4,18 +4,26 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_CPP_SDIST := $(VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 
 .PHONY: setup demo test lint clean bench bench-serve
 
 setup: $(STAMP)
 
 # torch first and pinned (a CPU build on these machines; a range would pull a CUDA build),
-# then polm and its dependencies resolved against the constraints file.
+# then polm and its dependencies resolved against the constraints file. llama-cpp-python has no
+# wheel: its sdist is downloaded once, compiled (llama.cpp, several minutes on 2 cores), and
+# llama.cpp's converter unpacked from it (polm/llamacpp.py).
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(VENV)/src llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	@echo "compiling llama.cpp (llama-cpp-python $(LLAMA_CPP_PYTHON)): several minutes on 2 cores"
+	$(BIN)/pip install -q -c constraints.txt $(LLAMA_CPP_SDIST)
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,llamacpp]"
+	$(BIN)/python -m polm.llamacpp unpack $(LLAMA_CPP_SDIST)
 	touch $(STAMP)
 
 demo: setup

@@ -35,7 +35,9 @@ MANIFEST = "polm.json"
 # do not save their logging accumulators), and must not make every stage downstream re-run.
 TRAIN_LOG = "train_log.json"
 RECORDS = (MANIFEST, TRAIN_LOG)
-FORMATS = ("hf", "peft-adapter", "gptq", "onebit", "onnx")
+FORMATS = ("hf", "peft-adapter", "gptq", "onebit", "onnx", "gguf")
+# the files that hold a checkpoint's weights, in every format
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".gguf")
 TRACKED_LIBRARIES = (
     "polm",
     "torch",
@@ -51,6 +53,7 @@ TRACKED_LIBRARIES = (
     "optimum",
     "onnxruntime",
     "onnxruntime-genai",
+    "llama-cpp-python",
 )
 
 
@@ -213,7 +216,7 @@ class Staging:
             metrics=dict(metrics or {}),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        manifest.metrics.setdefault("size_bytes", _weights_bytes(self.dir))
+        manifest.metrics.setdefault("size_bytes", weights_bytes(self.dir))
         # the manifest goes in last: until it exists the directory is not a checkpoint
         write_json_atomic(self.dir / MANIFEST, manifest.model_dump(mode="json"))
         _replace_dir(self.dir, self.out)
@@ -310,11 +313,12 @@ def stored_params(path: str | os.PathLike) -> int:
     return sum(numel(shape) for _, shape in tensor_specs(path).values())
 
 
-def _weights_bytes(path: Path) -> int:
+def weights_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a checkpoint's weight files."""
     return sum(
         f.stat().st_size
         for f in Path(path).rglob("*")
-        if f.is_file() and f.suffix in (".safetensors", ".onnx", ".data", ".bin")
+        if f.is_file() and f.suffix in WEIGHT_SUFFIXES
     )
 
 

@@ -15,8 +15,8 @@ instead of a fixed 48 tokens.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
+from polm.checkpoint import weights_bytes
 from polm.tasks import get_task
 
 MAX_NEW_TOKENS = 48
@@ -152,7 +152,10 @@ def accuracy(model, tokenizer, task: str, n: int | None = None, batch_size: int 
     )
 
 
-def perplexity(model, tokenizer, n: int = 200) -> float:
+PERPLEXITY_LINES = 200
+
+
+def perplexity(model, tokenizer, n: int = PERPLEXITY_LINES) -> float:
     """Perplexity on ``n`` lines of held-out synthetic prose."""
     import torch
 
@@ -229,13 +232,7 @@ def torch_decode_rate(model, tokenizer) -> float:
     return decode_rate(generate)
 
 
-def size_bytes(path: Path) -> int:
-    """Bytes on disk of a checkpoint's weight files."""
-    return sum(
-        f.stat().st_size
-        for f in Path(path).rglob("*")
-        if f.suffix in (".safetensors", ".onnx", ".data") and f.is_file()
-    )
+size_bytes = weights_bytes  # the name the stages and the report read
 
 
 def param_count(model) -> int:
@@ -334,6 +331,36 @@ def _chosen_wins(scores: list[float]) -> dict:
     return {"accuracy": sum(wins) / len(wins), "n": len(wins)}
 
 
+def export_parity(parent, lm, task, n: int, max_new_tokens: int):
+    """Greedy answers of an export (``lm.greedy``: ONNX, GGUF) against its torch ``parent``'s
+    on ``n`` test prompts of each task: (share identical, prompts, torch model, tokenizer)."""
+    from polm.loading import load_model
+    from polm.stage import load_prompts
+
+    prompts = [p.text for p in load_prompts(task, None, "test", n)]
+    model, tokenizer = load_model(parent)
+    ours = lm.greedy(prompts, max_new_tokens)
+    want = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    same = sum(a == b for a, b in zip(ours, want)) / len(prompts)
+    return same, prompts, model, tokenizer
+
+
+def runtime_metrics(lm, tasks: list[str], n: int | None, count_tokens) -> dict:
+    """Accuracy per task and decode speed of a model run outside torch (``polm.onnxrt.OnnxLM``,
+    ``polm.llamacpp.GgufLM``: ``greedy``, ``chat_prompt``, ``decode_exactly``)."""
+    metrics: dict = {}
+    for task in tasks:
+        new = answer_tokens(task, count_tokens)
+        result = task_accuracy(task, n, lambda ps, new=new: lm.greedy(ps, new))
+        metrics[f"eval.{task}.accuracy"] = result["accuracy"]
+        metrics[f"eval.{task}.n"] = result["n"]
+    text = lm.chat_prompt(DECODE_PROMPT)
+    rate = decode_rate(lambda k: lm.decode_exactly(text, k))
+    if rate is not None:
+        metrics["decode_tokens_per_s"] = rate
+    return metrics
+
+
 def evaluate_checkpoint(
     ckpt, tasks: list[str], n: int | None = None, with_perplexity: bool = True
 ) -> dict:
@@ -352,20 +379,21 @@ def evaluate_checkpoint(
     # them before a second model is loaded (the runner evaluates in the stage's process)
     release_free_memory()
     metrics: dict = {"size_bytes": size_bytes(ckpt.path)}
-    if ckpt.format == "onnx":  # onnxruntime-genai alone: accuracy only
+    if ckpt.format == "gguf":  # llama.cpp: accuracy, perplexity, decode speed
+        from polm.llamacpp import GgufLM
+
+        lm = GgufLM(ckpt.path, logits_all=with_perplexity)
+        metrics |= runtime_metrics(lm, tasks, n, lambda t: len(lm.tokenize(t)))
+        if with_perplexity:
+            from polm.corpus import prose
+
+            metrics["perplexity"] = lm.perplexity(prose("heldout", PERPLEXITY_LINES))
+        return metrics
+    if ckpt.format == "onnx":  # onnxruntime-genai alone: accuracy and decode speed
         from polm.onnxrt import OnnxLM
 
         lm = OnnxLM(ckpt.path)
-        for task in tasks:
-            new = answer_tokens(task, lambda t: len(lm.tokenizer.encode(t)))
-            result = task_accuracy(task, n, lambda ps, new=new: lm.greedy(ps, new))
-            metrics[f"eval.{task}.accuracy"] = result["accuracy"]
-            metrics[f"eval.{task}.n"] = result["n"]
-        text = lm.chat_prompt(DECODE_PROMPT)
-        rate = decode_rate(lambda k: lm.decode_exactly(text, k))
-        if rate is not None:
-            metrics["decode_tokens_per_s"] = rate
-        return metrics
+        return metrics | runtime_metrics(lm, tasks, n, lambda t: len(lm.tokenizer.encode(t)))
     torch.manual_seed(0)
     if is_reward_model(ckpt):
         model, tokenizer = load_reward_model(ckpt)

@@ -110,7 +110,7 @@ def load_model(ckpt: Checkpoint | str, dtype=None):
         raise PolmError(
             f"{ckpt.path} has format {ckpt.format!r}, which polm does not load as a torch "
             "model (it loads hf, peft-adapter, gptq and onebit; onnx checkpoints run through "
-            "polm.onnxrt)."
+            "polm.onnxrt, gguf ones through polm.llamacpp)."
         )
     model.eval()
     return model, load_tokenizer(ckpt.path)

@@ -114,6 +114,12 @@ STAGES: dict[str, StageEntry] = {
         "export to ONNX with onnxruntime-genai's model builder (fp32, fp16, int8, int4; cpu "
         "or cuda), with a greedy and logit parity check against the torch model",
     ),
+    "optimize.gguf": StageEntry(
+        "optimize.gguf:run",
+        "optimize.gguf:GgufSettings",
+        "export to GGUF for llama.cpp and Ollama (f16, q8_0, q4_0, q4_k_m, ... by llama.cpp's "
+        "converter and quantizer), with the chat template, lineage, a Modelfile and parity",
+    ),
 }
 
 

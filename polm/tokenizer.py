@@ -70,3 +70,14 @@ def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = VOCAB_SIZ
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
+
+
+GENERATION_TAG = r"\{%-?\s*(?:end)?generation\s*-?%\}"
+
+
+def strip_generation_tags(template: str) -> str:
+    """The template without ``{% generation %}`` markers: they are transformers' extension for
+    assistant masks in training, unknown to llama.cpp's and Ollama's template engines."""
+    import re
+
+    return re.sub(GENERATION_TAG, "", template)
