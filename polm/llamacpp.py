@@ -10,7 +10,7 @@ Ollama would answer.
 The converter (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``, their ``conversion``
 package and ``gguf-py``) is not on PyPI. It is taken from the llama.cpp source tree inside the
 llama-cpp-python sdist, the same llama.cpp revision as the library that runs the files, and
-unpacked under ``<prefix>/share/polm/llama.cpp`` (``make setup`` does it; by hand:
+unpacked under ``<prefix>/share/polm/llama.cpp`` (``make llamacpp`` does it; by hand:
 ``python -m polm.llamacpp install``). ``POLM_LLAMA_CPP`` points elsewhere.
 """
 
@@ -34,7 +34,7 @@ CONVERTER = (
     "convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE",
 )  # fmt: skip
 INSTALL_HINT = (
-    "llama.cpp's converter is not installed: run `make setup`, or `python -m polm.llamacpp "
+    "llama.cpp's converter is not installed: run `make llamacpp`, or `python -m polm.llamacpp "
     "install` (downloads the llama-cpp-python sdist from PyPI and unpacks its converter)"
 )
 
@@ -60,7 +60,7 @@ def require_llama_cpp():
     except ImportError as e:
         raise PolmError(
             "gguf checkpoints run on llama-cpp-python, which is not installed: `pip install "
-            f"'polm[llamacpp]'` (it compiles llama.cpp: several minutes) or `make setup` ({e})"
+            f"'polm[llamacpp]'` (it compiles llama.cpp: several minutes) or `make llamacpp` ({e})"
         ) from None
     return llama_cpp
 
