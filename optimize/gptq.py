@@ -224,6 +224,21 @@ def to_16_bits(model) -> dict[str, str]:
     return changed
 
 
+def stop_worker_pool() -> None:
+    """Stop GPTQModel's device worker threads; its lazy pool builds new ones on next use.
+
+    Each worker keeps the native memory of its last task (per-thread buffers of torch's CPU
+    kernels): 145 MB on Gemma 3 270M after the stage, which the next stage (an ONNX export, an
+    evaluation) would otherwise start on top of.
+    """
+    import gptqmodel
+
+    pool = getattr(gptqmodel, "_DEVICE_THREAD_POOL", None)
+    if pool is not None:
+        pool.shutdown(wait=True)
+        gptqmodel._DEVICE_THREAD_POOL = None
+
+
 def run(inputs: list[Checkpoint], settings: GPTQSettings, out: Path) -> Checkpoint:
     import torch
 
@@ -276,6 +291,7 @@ def run(inputs: list[Checkpoint], settings: GPTQSettings, out: Path) -> Checkpoi
         # that it is freed now (0.7 GB on Gemma 3 270M, on top of the evaluation)
         q.model = None
         del q
+        stop_worker_pool()
         wide = [n for n, (dtype, _) in tensor_specs(st.dir).items() if dtype in ("F32", "F64")]
         if wide:
             raise PolmError(f"{STAGE}: GPTQModel saved {', '.join(wide[:3])} in more than 16 bits.")

@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", parents=[common], help="serve a checkpoint (bentoml serve, OpenAI-compatible)"
     )
     s.add_argument("model", nargs="?", help="checkpoint directory (default: the built-in)")
-    s.add_argument("--backend", choices=["auto", "transformers", "onnx", "vllm"])
+    s.add_argument("--backend", choices=["auto", "transformers", "onnx", "vllm", "llamacpp"])
     s.add_argument("--served-model-name", dest="served_model_name")
     s.add_argument("--max-concurrency", dest="max_concurrency", type=int)
     s.add_argument("--host", default="127.0.0.1")

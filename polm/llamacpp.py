@@ -108,6 +108,10 @@ def install(dest: Path | None = None) -> Path:
         return unpack(sdist, dest or converter_dir())
 
 
+def _raise(message: str):
+    raise PolmError(f"the chat template refused the messages: {message}")
+
+
 def trained_context(file: Path) -> int | None:
     """The context length a GGUF file was trained for (``<arch>.context_length``)."""
     from gguf import GGUFReader
@@ -154,8 +158,8 @@ class GgufLM:
         meta = self.llm.metadata
         self.template = meta.get("tokenizer.chat_template")
         self.eos = self.llm.token_eos()
-        vocab = self.llm._model.vocab  # noqa: SLF001 (llama_cpp exposes no public is-eog)
-        self._is_eog = lambda t: bool(llama_cpp.llama_vocab_is_eog(vocab, t))
+        self._vocab = self.llm._model.vocab  # noqa: SLF001 (llama_cpp has no public is-eog)
+        self._llama_cpp = llama_cpp
         self.bos_text = self._piece(meta, "tokenizer.ggml.bos_token_id")
         self.eos_text = self._piece(meta, "tokenizer.ggml.eos_token_id")
 
@@ -164,19 +168,31 @@ class GgufLM:
             return ""
         return self.llm.detokenize([int(meta[key])], special=True).decode("utf-8", "replace")
 
-    def chat_prompt(self, prompt: str) -> str:
-        """A user turn rendered with the file's chat template, ready for the answer."""
+    def is_end(self, token: int) -> bool:
+        """Whether ``token`` ends generation (eos, eot, ...: llama.cpp's end-of-generation)."""
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def render(self, messages: list[dict]) -> str:
+        """``messages`` rendered with the file's chat template, ready for the answer."""
         if not self.template:
             raise PolmError("this GGUF file has no chat template (tokenizer.chat_template)")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # as transformers renders chat templates: loop controls and raise_exception
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.globals["raise_exception"] = _raise
         return env.from_string(self.template).render(
-            messages=[{"role": "user", "content": prompt}],
+            messages=messages,
             add_generation_prompt=True,
             bos_token=self.bos_text,
             eos_token=self.eos_text,
         )
+
+    def chat_prompt(self, prompt: str) -> str:
+        """A user turn rendered with the file's chat template, ready for the answer."""
+        return self.render([{"role": "user", "content": prompt}])
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's token ids for ``text`` (special tokens parsed, no BOS added)."""
@@ -189,7 +205,7 @@ class GgufLM:
             new: list[int] = []
             tokens = self.tokenize(text)
             for token in self.llm.generate(tokens, top_k=1, temp=0.0, repeat_penalty=1.0):
-                if self._is_eog(token) or len(new) >= max_new_tokens:
+                if self.is_end(token) or len(new) >= max_new_tokens:
                     break
                 new.append(token)
             outs.append(self.llm.detokenize(new).decode("utf-8", "replace"))

@@ -5,10 +5,11 @@
 
 Arguments (``--arg key=value``; each also read from ``POLM_<KEY>``): ``model`` (a checkpoint
 directory; default the built-in ``builtin:tiny-base``), ``backend`` (auto, transformers, onnx,
-vllm), ``served_model_name`` (default: the checkpoint directory's name), ``max_concurrency``
-(generation requests in flight before a 429, default 32), ``max_body_bytes`` (default 1 MiB,
-413 above), ``default_max_tokens`` (for requests that name no ``max_tokens``: the rest of the
-context, at most this; default 1024), ``timeout_s`` (BentoML's request timeout, default 600).
+llamacpp, vllm), ``served_model_name`` (default: the checkpoint directory's name),
+``max_concurrency`` (generation requests in flight before a 429, default 32),
+``max_body_bytes`` (default 1 MiB, 413 above), ``default_max_tokens`` (for requests that name
+no ``max_tokens``: the rest of the context, at most this; default 1024), ``timeout_s``
+(BentoML's request timeout, default 600).
 
 The module imports only BentoML, Starlette and polm's protocol at import time. The service
 loads the model on a background thread from ``__init__``, so the server answers ``/livez`` at
@@ -32,7 +33,7 @@ log = logging.getLogger("polm.serve")
 
 class ServeArgs(BaseModel):
     model: str | None = Field(None, description="checkpoint directory; default the built-in")
-    backend: str = Field("auto", description="auto | transformers | onnx | vllm")
+    backend: str = Field("auto", description="auto | transformers | onnx | vllm | llamacpp")
     served_model_name: str | None = None
     max_concurrency: int = Field(32, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)

@@ -1,13 +1,19 @@
-"""Which engine serves a checkpoint, and opening it there: ``onnx`` -> onnxruntime-genai; any
-torch format -> vLLM on a GPU where vLLM is installed and reads the format, else
-transformers, unless the caller names one. Engines are imported only when chosen."""
+"""Which engine serves a checkpoint, and opening it there: ``onnx`` -> onnxruntime-genai;
+``gguf`` -> llama.cpp; any torch format -> vLLM on a GPU where vLLM is installed and reads the
+format, else transformers, unless the caller names one. Engines are imported only when
+chosen."""
 
 from __future__ import annotations
 
 from polm.errors import PolmError
 from serve.backends.base import Backend
 
-BACKENDS = ("transformers", "onnx", "vllm")
+BACKENDS = ("transformers", "onnx", "vllm", "llamacpp")
+# the formats that run on one engine only, and how to get there from a torch checkpoint
+ENGINE_FORMATS = {
+    "onnx": ("onnx", "onnxruntime-genai", "polm optimize onnx --from CKPT --out DIR"),
+    "gguf": ("llamacpp", "llama.cpp", "polm optimize gguf --from CKPT --out DIR"),
+}
 VLLM_FORMATS = ("hf", "gptq")  # formats vLLM reads from a polm checkpoint directory
 
 
@@ -16,18 +22,19 @@ def choose_backend(fmt: str, requested: str | None = None) -> str:
     one available on this machine."""
     if requested not in (None, "", "auto") and requested not in BACKENDS:
         raise PolmError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}.")
-    if fmt == "onnx":
-        if requested not in (None, "", "auto", "onnx"):
+    if fmt in ENGINE_FORMATS:
+        backend, engine, _ = ENGINE_FORMATS[fmt]
+        if requested not in (None, "", "auto", backend):
             raise PolmError(
-                f"an onnx checkpoint runs on the onnx backend (onnxruntime-genai), not "
-                f"{requested!r}."
+                f"a {fmt} checkpoint runs on the {backend} backend ({engine}), not {requested!r}."
             )
-        return "onnx"
-    if requested == "onnx":
-        raise PolmError(
-            f"the onnx backend serves onnx checkpoints; this one has format {fmt!r}. Export it "
-            "first: polm optimize onnx --from CKPT --out DIR."
-        )
+        return backend
+    for other, (backend, _, export) in ENGINE_FORMATS.items():
+        if requested == backend:
+            raise PolmError(
+                f"the {backend} backend serves {other} checkpoints; this one has format {fmt!r}. "
+                f"Export it first: {export}."
+            )
     if requested == "vllm":
         if fmt not in VLLM_FORMATS:
             raise PolmError(
@@ -59,6 +66,10 @@ def open_backend(ckpt, requested: str | None = None, **options) -> Backend:
         from serve.backends.onnx import OnnxBackend
 
         return OnnxBackend(ckpt.path, **options)
+    if name == "llamacpp":
+        from serve.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(ckpt.path, **options)
     if name == "vllm":
         from serve.backends.vllm import VllmBackend
 

@@ -44,6 +44,10 @@ def test_gptq_keeps_accuracy_reloads_and_shrinks(
     )
     assert ckpt.format == "gptq" and ckpt.manifest.parents[0].path == str(add_sft.path)
     assert ckpt.manifest.settings["task"] == "add"
+    import gptqmodel
+
+    # the workers are stopped after each stage (the parametrized runs each start a new pool)
+    assert gptqmodel._DEVICE_THREAD_POOL is None
     if "task" not in extra:  # taken from the parent's manifest, and said so
         note = ckpt.manifest.metrics["data.from_lineage"]
         assert note.startswith("task add from align.sft") and str(add_sft.path) in note

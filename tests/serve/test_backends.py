@@ -27,6 +27,8 @@ PROMPTS = [ex for ex in get_task("add").examples("test", 8)]
 def formats(add_sft, onnx_int4, tmp_path_factory):
     from merge.moe import MoESettings
     from merge.moe import run as moe
+    from optimize.gguf import GgufSettings
+    from optimize.gguf import run as gguf
     from optimize.gptq import GPTQSettings
     from optimize.gptq import run as gptq
     from optimize.onebit import OneBitSettings
@@ -48,6 +50,9 @@ def formats(add_sft, onnx_int4, tmp_path_factory):
             ),
         ),
         "onnx": onnx_int4,
+        "gguf": build(
+            "gguf", lambda o: gguf([add_sft], GgufSettings(outtype="q8_0", parity_n=0), o)
+        ),
     }
 
 
@@ -63,6 +68,7 @@ def correct(task_answers: list[str]) -> int:
         ("onebit", "transformers", None),  # no longer adds: see the test after this one
         ("moe", "transformers", 5),
         ("onnx", "onnx", 5),
+        ("gguf", "llamacpp", 5),
     ],
 )
 def test_each_format_is_served_and_answers(formats, fmt, backend, min_correct):
@@ -130,6 +136,20 @@ def test_onnx_service_answers_equal_the_onnx_evaluation(formats):
         state.backend.close()
 
 
+def test_llamacpp_service_answers_equal_the_gguf_evaluation_and_reuse_the_prompt_cache(formats):
+    from polm.llamacpp import GgufLM
+
+    state = load_state(ServerState(), str(formats["gguf"].path))
+    try:
+        prompts = [ex.prompt for ex in PROMPTS[:5]]
+        served = asyncio.run(answers(state, prompts, temperature=0, max_tokens=48))
+        assert served == GgufLM(formats["gguf"].path).greedy(prompts, 48)
+        again = asyncio.run(answers(state, prompts[:1], temperature=0, max_tokens=48))
+        assert again == served[:1]  # from a context that held another prompt's cache
+    finally:
+        state.backend.close()
+
+
 def test_a_checkpoint_that_cannot_load_is_a_503_without_its_path(tmp_path):
     state = load_state(ServerState(), str(tmp_path))  # not a checkpoint
     assert not state.ready and "not a polm checkpoint" in state.failed  # for the log
@@ -147,12 +167,15 @@ def test_a_checkpoint_that_cannot_load_is_a_503_without_its_path(tmp_path):
 
 def test_backend_choice_follows_the_format():
     assert choose_backend("onnx") == "onnx"
+    assert choose_backend("gguf") == "llamacpp" and choose_backend("gguf", "llamacpp") == "llamacpp"
     assert choose_backend("gptq") in ("transformers", "vllm")
     assert choose_backend("onebit") == "transformers"  # vLLM cannot read polm's 1-bit format
     assert choose_backend("hf", "transformers") == "transformers"
     for fmt, requested, message in [
         ("hf", "onnx", "Export it first"),
         ("onnx", "transformers", "onnx backend"),
+        ("gguf", "onnx", "llamacpp backend"),
+        ("hf", "llamacpp", "polm optimize gguf"),
         ("onebit", "vllm", "does not read"),
         ("hf", "tensorrt", "unknown backend"),
     ]:
