@@ -122,6 +122,20 @@ class TokenBackend(Backend):
     def submit(self, job: Job) -> None:
         raise NotImplementedError
 
+    def _decode(self, job: Job) -> None:
+        """Generate ``job`` on the worker thread: ``job.emit`` each token, then ``job.finish``."""
+        raise NotImplementedError
+
+    def _run(self, job: Job) -> None:
+        """A worker's task: :meth:`_decode`, with a failure logged and ended as an error."""
+        try:
+            self._decode(job)
+        except Exception:
+            import logging
+
+            logging.getLogger("polm.serve").exception("generation failed")
+            job.finish("error")
+
     async def generate(self, prompt_ids: list[int], params: GenParams) -> AsyncIterator[Piece]:
         job = Job(prompt_ids, params, asyncio.get_running_loop())
         self.submit(job)

@@ -50,15 +50,6 @@ class LlamaCppBackend(TokenBackend):
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.llm.close()
 
-    def _run(self, job: Job) -> None:
-        try:
-            self._decode(job)
-        except Exception:
-            import logging
-
-            logging.getLogger("polm.serve").exception("generation failed")
-            job.finish("error")
-
     def _feed(self, tokens: list[int]):
         """Evaluate ``tokens`` after what the context already holds; the last logits."""
         self.llm.eval(tokens)

@@ -54,15 +54,6 @@ class OnnxBackend(TokenBackend):
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self, job: Job) -> None:
-        try:
-            self._decode(job)
-        except Exception:
-            import logging
-
-            logging.getLogger("polm.serve").exception("generation failed")
-            job.finish("error")
-
     def _decode(self, job: Job) -> None:
         og, np, p = self.og, self.np, job.params
         if job.cancelled.is_set():

@@ -124,28 +124,21 @@ def test_transformers_backend_batches_and_matches_the_evaluation(add_sft):
         state.backend.close()
 
 
-def test_onnx_service_answers_equal_the_onnx_evaluation(formats):
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_runtime_services_answer_as_their_evaluation_does(formats, fmt):
+    """onnxruntime-genai and llama.cpp: the service's greedy answers are ``polm eval``'s, also
+    for a prompt asked again after others (llama.cpp keeps the shared prompt prefix cached)."""
+    from polm.llamacpp import GgufLM
     from polm.onnxrt import OnnxLM
 
-    state = load_state(ServerState(), str(formats["onnx"].path))
+    path = formats[fmt].path
+    state = load_state(ServerState(), str(path))
     try:
         prompts = [ex.prompt for ex in PROMPTS[:5]]
         served = asyncio.run(answers(state, prompts, temperature=0, max_tokens=48))
-        assert served == OnnxLM(formats["onnx"].path).greedy(prompts, 48)
-    finally:
-        state.backend.close()
-
-
-def test_llamacpp_service_answers_equal_the_gguf_evaluation_and_reuse_the_prompt_cache(formats):
-    from polm.llamacpp import GgufLM
-
-    state = load_state(ServerState(), str(formats["gguf"].path))
-    try:
-        prompts = [ex.prompt for ex in PROMPTS[:5]]
-        served = asyncio.run(answers(state, prompts, temperature=0, max_tokens=48))
-        assert served == GgufLM(formats["gguf"].path).greedy(prompts, 48)
+        assert served == (OnnxLM if fmt == "onnx" else GgufLM)(path).greedy(prompts, 48)
         again = asyncio.run(answers(state, prompts[:1], temperature=0, max_tokens=48))
-        assert again == served[:1]  # from a context that held another prompt's cache
+        assert again == served[:1]
     finally:
         state.backend.close()
 
