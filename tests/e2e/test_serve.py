@@ -1,5 +1,7 @@
 """A real `bentoml serve` on 127.0.0.1, driven by the official `openai` client (and raw HTTP
-for what a client library would refuse to send): the OpenAI routes, usage counts, identical
+for what a client library would refuse to send), on the transformers backend (the built-in
+model) and on the llama.cpp one (its f16 GGUF export), each through the same tests: the OpenAI
+routes, usage counts, identical
 greedy answers under concurrency, a table of malformed requests that must all be 4xx with the
 OpenAI error shape, 16 concurrent streams, the concurrency cap's 429, graceful SIGTERM and the
 chat page in headless Chromium."""
@@ -12,7 +14,6 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -32,9 +33,22 @@ from tests.helpers import (
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("serve"), max_body_bytes=MAX_BODY)
+@pytest.fixture(scope="module", params=["transformers", "llamacpp"])
+def server(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    if request.param == "transformers":  # the built-in model, imported by the service itself
+        s = Server(tmp, max_body_bytes=MAX_BODY)
+        s.tokenizer_dir = tmp / "cache" / "serve" / "tiny-base"
+    else:
+        from optimize.gguf import GgufSettings
+        from optimize.gguf import run as gguf
+        from polm.importer import import_model
+
+        base = import_model("builtin:tiny-base", tmp / "base")
+        exported = gguf([base], GgufSettings(outtype="f16", parity_n=0), tmp / "tiny-base")
+        s = Server(tmp, max_body_bytes=MAX_BODY, model=exported.path)
+        s.tokenizer_dir = base.path
+    s.backend = request.param
     yield s
     s.stop()
 
@@ -43,15 +57,17 @@ def server(tmp_path_factory):
 def tokenizer(server):
     from polm.loading import load_tokenizer
 
-    return load_tokenizer(Path(server.log.name).parent / "cache" / "serve" / "tiny-base")
+    return load_tokenizer(server.tokenizer_dir)
 
 
 def test_models_chat_and_completions_with_right_usage(server, tokenizer):
     models = server.client.models.list().data
     assert [m.id for m in models] == ["tiny-base"]
     card = models[0].model_extra
-    assert card["max_model_len"] == 256 and card["polm"]["format"] == "hf"
-    assert card["polm"]["lineage"][0]["source"] == "builtin:tiny-base"
+    fmt = {"transformers": "hf", "llamacpp": "gguf"}[server.backend]
+    assert card["max_model_len"] == 256 and card["polm"]["format"] == fmt
+    assert card["polm"]["backend"] == server.backend
+    assert card["polm"]["lineage"][-1]["source"] == "builtin:tiny-base"
 
     messages = [{"role": "user", "content": "Reverse the letters: abcd"}]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
