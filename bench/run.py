@@ -27,6 +27,8 @@ Separate, added with ``--include NAME`` (their output is kept in the JSON, one r
   serve-gpu        bench/serve_gpu.py: the transformers backend on a CUDA GPU
   vllm             bench/vllm_throughput.py: polm on vLLM vs bare ``vllm serve`` (GPU +
                    ``polm[vllm]``)
+  gguf             bench/gguf_export.py: polm's q4_0 / q4_k_m GGUF exports of Gemma 3 270M vs the
+                   Q4_K_M file it came from, in llama.cpp (perplexity, decode tok/s)
 
 Each benchmark runs in its own child process (one failure leaves the others' rows; its log
 is under ``<out>/logs/``). Ratios are measured side by side within one child, so they hold
@@ -76,6 +78,12 @@ def merge_memory(a) -> list[dict]:
 
     with tempfile.TemporaryDirectory(prefix="polm-bench-merge-memory-") as tmp:
         return merge_memory.measure(Path(tmp))
+
+
+def gguf(a) -> list[dict]:
+    import gguf_export  # bench/gguf_export.py (not gguf.py: that would shadow the gguf package)
+
+    return gguf_export.measure(a.work / "gguf")
 
 
 def decode(a) -> list[dict]:
@@ -184,6 +192,7 @@ OPTIONAL = {
     "serve": _script("serve", ["serve.py"], "HTTP serving: polm (ONNX, transformers) vs llama.cpp"),
     "serve-gpu": _script("serve-gpu", ["serve_gpu.py"], "transformers backend on a CUDA GPU"),
     "vllm": _script("vllm", ["vllm_throughput.py"], "polm on vLLM vs bare vllm serve"),
+    "gguf": gguf,
 }
 ALL = DEFAULT | OPTIONAL
 

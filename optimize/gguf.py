@@ -223,6 +223,16 @@ def parity(parent: Checkpoint, path: Path, s: GgufSettings) -> dict:
     }
 
 
+def metrics_params(parent: Checkpoint) -> int:
+    """Parameters of a packed parent (its stage counted them unpacked)."""
+    if params := parent.manifest.metrics.get("params"):
+        return int(params)
+    from polm.loading import load_model
+
+    model, _ = load_model(parent)
+    return sum(p.numel() for p in model.parameters())
+
+
 def write_modelfile(ckpt_dir: Path, lm) -> None:
     from polm.ollama import modelfile
 
@@ -230,21 +240,55 @@ def write_modelfile(ckpt_dir: Path, lm) -> None:
     (ckpt_dir / "Modelfile").write_text(text)
 
 
+def unpacked_onebit(parent: Checkpoint, dst: Path, outtype: str) -> Path:
+    """An HF directory with the onebit checkpoint's weights dequantized (ternary: trit times
+    its row's scale, which TQ1_0 / TQ2_0 blocks hold exactly: every nonzero weight of a row is
+    plus or minus the row's scale, the block's scale is its largest magnitude)."""
+    import json as _json
+
+    from polm.onebit import CONFIG_KEY, load_onebit
+    from polm.stage import carry_files
+
+    method = _json.loads((parent.path / "config.json").read_text())[CONFIG_KEY]["method"]
+    if outtype in ("tq1_0", "tq2_0") and method != "ternary":
+        raise PolmError(
+            f"{STAGE}: {outtype} holds ternary weights; {parent.path} is {method} (OneBit "
+            "signs times row and column scales): export it as f16, q8_0 or a k-quant."
+        )
+    model = load_onebit(parent.path)
+    delattr(model.config, CONFIG_KEY)  # a plain HF model now
+    model.save_pretrained(dst)
+    carry_files(parent.path, dst)
+    return dst
+
+
 def run(inputs: list[Checkpoint], settings: GgufSettings, out: Path) -> Checkpoint:
     s = settings
-    parent = single_input(inputs, STAGE, "hf")
+    parent = single_input(inputs, STAGE, "hf", "onebit")
+    if s.outtype in ("tq1_0", "tq2_0") and parent.format != "onebit":
+        raise PolmError(
+            f"{STAGE}: {s.outtype} is for ternary weights: export a ternary optimize.onebit "
+            f"checkpoint with it ({parent.path} has format {parent.format!r})."
+        )
     require_converter()
     require_llama_cpp()
     meta = polm_metadata(parent)
     with staging(out) as st:
         target = st.dir / GGUF_FILE
+        src = parent.path
+        if parent.format == "onebit":
+            src = unpacked_onebit(parent, st.dir / "unpacked", s.outtype)
         if s.outtype in CONVERTER_TYPES:
-            convert(parent.path, target, s.outtype, meta)
+            convert(src, target, s.outtype, meta)
         else:
             full = st.dir / "f32.gguf"
-            convert(parent.path, full, "f32", meta)
+            convert(src, full, "f32", meta)
             quantize(full, target, s.outtype)
             full.unlink()
+        if src != parent.path:
+            import shutil
+
+            shutil.rmtree(src)
         from polm.llamacpp import GgufLM
 
         lm = GgufLM(st.dir, n_ctx=64)
@@ -256,7 +300,7 @@ def run(inputs: list[Checkpoint], settings: GgufSettings, out: Path) -> Checkpoi
         metrics: dict = {}
         if s.parity_n:
             metrics |= parity(parent, st.dir, s)
-        params = stored_params(parent.path)
+        params = stored_params(parent.path) if parent.format == "hf" else metrics_params(parent)
         metrics |= {
             "params": params,
             "bits_per_weight": 8 * target.stat().st_size / params,

@@ -34,6 +34,7 @@ NOISY_LOGGERS = (
     "optimum",
     "onnxruntime",
     "torchao",
+    "llama-cpp-python",  # llama.cpp's own log (model loading, the quantizer), through its callback
     "bentoml",
 )
 

@@ -7,8 +7,11 @@ import shutil
 
 import pytest
 import torch
+from gguf import GGUFReader
 from pydantic import ValidationError
 
+from optimize.gguf import GgufSettings
+from optimize.gguf import run as gguf_export
 from optimize.onebit import OneBitSettings, quantize_model, run, svid
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
@@ -134,6 +137,15 @@ def test_recovery_brings_the_quantized_model_back_to_its_parent(method, add_sft,
     p, b, a = parent["eval.add.accuracy"], before, after["eval.add.accuracy"]
     assert a >= 0.9 * p, (method, p, b, a)
     assert a > b, (method, b, a)
+    if method == "ternary":  # the ternary model ends in a file stock llama.cpp runs
+        tq2 = gguf_export([ckpt], GgufSettings(outtype="tq2_0", parity_n=0), tmp_path / "tq2")
+        g = evaluate_checkpoint(tq2, ["add"], n=200, with_perplexity=False)["eval.add.accuracy"]
+        assert g >= 0.9 * a, (a, g)
+        types = {t.name: t.tensor_type.name for t in GGUFReader(tq2.path / "model.gguf").tensors}
+        # every decoder weight whose rows hold whole 256-weight blocks (tiny-base: down_proj,
+        # 512 wide) is TQ2_0; narrower ones fall back to F16 in llama.cpp's converter
+        assert {types[f"blk.{i}.ffn_down.weight"] for i in range(4)} == {"TQ2_0"}, types
+        assert types["token_embd.weight"] == "F16"
 
 
 RECOVERY_STEPS = 100  # measured from a 93.5% parent: binary 93.5%, ternary 94.0%
