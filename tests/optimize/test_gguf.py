@@ -105,6 +105,9 @@ def test_wrong_inputs_and_settings_are_refused(base_ckpt, tmp_path):
     with pytest.raises(PolmError, match="hf"):
         run([not_hf], GgufSettings(), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    with pytest.raises(PolmError, match="ternary"):  # tq types hold ternary weights only
+        run([base_ckpt], GgufSettings(outtype="tq2_0"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
     with pytest.raises(PolmError, match="model.gguf"):
         GgufLM(tmp_path)
 
