@@ -44,7 +44,7 @@ from pydantic import Field, field_validator
 
 from polm.checkpoint import Checkpoint, lineage, staging, stored_params
 from polm.errors import PolmError
-from polm.llamacpp import GGUF_FILE, require_converter, require_llama_cpp
+from polm.llamacpp import ADAPTER_FILE, GGUF_FILE, require_converter, require_llama_cpp
 from polm.settings import StageSettings
 from polm.stage import single_input
 from polm.tasks import validate_task_names
@@ -177,16 +177,21 @@ def polm_metadata(parent: Checkpoint) -> dict[str, str]:
     }
 
 
-def convert(src: Path, out_file: Path, outtype: str, metadata: dict[str, str]) -> None:
-    """llama.cpp's converter on the HF directory ``src`` (a child process)."""
+def convert(
+    src: Path, out_file: Path, outtype: str, metadata: dict[str, str], base: Path | None = None
+) -> None:
+    """llama.cpp's converter on the HF directory ``src`` (a child process); with ``base``,
+    ``src`` is a PEFT LoRA adapter on that model (``convert_lora_to_gguf.py``)."""
     root = require_converter()
+    script = "convert_lora_to_gguf.py" if base else "convert_hf_to_gguf.py"
     cmd = [
-        sys.executable, "-c", CONVERT, str(root), "convert_hf_to_gguf.py", str(src),
+        sys.executable, "-c", CONVERT, str(root), script, str(src),
         "--outfile", str(out_file), "--outtype", outtype,
+        *(["--base", str(base)] if base else []),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "POLM_GGUF_METADATA": json.dumps(metadata)}
     env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, not the PyPI one
-    if pre := pre_tokenizer_name(src):
+    if pre := pre_tokenizer_name(base or src):
         env["POLM_GGUF_PRE"] = pre
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not out_file.is_file():
@@ -236,8 +241,26 @@ def metrics_params(parent: Checkpoint) -> int:
 def write_modelfile(ckpt_dir: Path, lm) -> None:
     from polm.ollama import modelfile
 
-    text = modelfile(f"./{GGUF_FILE}", lm.llm.metadata, bos=lm.bos_text, eos=lm.eos_text)
+    adapter = f"./{ADAPTER_FILE}" if (ckpt_dir / ADAPTER_FILE).is_file() else None
+    text = modelfile(
+        f"./{GGUF_FILE}", lm.llm.metadata, bos=lm.bos_text, eos=lm.eos_text, adapter=adapter
+    )
     (ckpt_dir / "Modelfile").write_text(text)
+
+
+def adapter_base(adapter: Checkpoint) -> Checkpoint:
+    """The base model a ``peft-adapter`` checkpoint was trained on (its manifest's parent,
+    unchanged since)."""
+    if not adapter.manifest.parents:
+        raise PolmError(f"{adapter.path} is a PEFT adapter whose manifest names no base model.")
+    ref = adapter.manifest.parents[0]
+    base = Checkpoint.open(ref.path)
+    if base.manifest.content_hash != ref.content_hash or base.format != "hf":
+        raise PolmError(
+            f"{STAGE}: the base of adapter {adapter.path} ({base.path}) changed since the "
+            "adapter was trained, or is not an hf checkpoint; re-run the stage that made it."
+        )
+    return base
 
 
 def unpacked_onebit(parent: Checkpoint, dst: Path, outtype: str) -> Path:
@@ -264,7 +287,7 @@ def unpacked_onebit(parent: Checkpoint, dst: Path, outtype: str) -> Path:
 
 def run(inputs: list[Checkpoint], settings: GgufSettings, out: Path) -> Checkpoint:
     s = settings
-    parent = single_input(inputs, STAGE, "hf", "onebit")
+    parent = single_input(inputs, STAGE, "hf", "onebit", "peft-adapter")
     if s.outtype in ("tq1_0", "tq2_0") and parent.format != "onebit":
         raise PolmError(
             f"{STAGE}: {s.outtype} is for ternary weights: export a ternary optimize.onebit "
@@ -278,6 +301,10 @@ def run(inputs: list[Checkpoint], settings: GgufSettings, out: Path) -> Checkpoi
         src = parent.path
         if parent.format == "onebit":
             src = unpacked_onebit(parent, st.dir / "unpacked", s.outtype)
+        if parent.format == "peft-adapter":  # the base's file, and the adapter beside it
+            src = adapter_base(parent).path
+            lora_type = "f16" if s.outtype in ("f16", "f32", "bf16") else "q8_0"
+            convert(parent.path, st.dir / ADAPTER_FILE, lora_type, meta, base=src)
         if s.outtype in CONVERTER_TYPES:
             convert(src, target, s.outtype, meta)
         else:
@@ -285,7 +312,7 @@ def run(inputs: list[Checkpoint], settings: GgufSettings, out: Path) -> Checkpoi
             convert(src, full, "f32", meta)
             quantize(full, target, s.outtype)
             full.unlink()
-        if src != parent.path:
+        if src.parent == st.dir:
             import shutil
 
             shutil.rmtree(src)
@@ -300,7 +327,8 @@ def run(inputs: list[Checkpoint], settings: GgufSettings, out: Path) -> Checkpoi
         metrics: dict = {}
         if s.parity_n:
             metrics |= parity(parent, st.dir, s)
-        params = stored_params(parent.path) if parent.format == "hf" else metrics_params(parent)
+        # a packed parent counted its own parameters; the others are counted from the file
+        params = metrics_params(parent) if parent.format == "onebit" else stored_params(src)
         metrics |= {
             "params": params,
             "bits_per_weight": 8 * target.stat().st_size / params,

@@ -2,7 +2,8 @@
 llama.cpp's own converter lives.
 
 A ``gguf`` checkpoint is a directory with one ``model.gguf`` (llama.cpp's file: weights,
-tokenizer, chat template, polm's lineage under ``polm.*`` keys), an Ollama ``Modelfile`` and
+tokenizer, chat template, polm's lineage under ``polm.*`` keys), an ``adapter.gguf`` beside it
+when it came from a LoRA adapter (llama.cpp applies it on load), an Ollama ``Modelfile`` and
 polm's manifest. :class:`GgufLM` renders prompts with the file's own chat template, tokenizes
 with llama.cpp's tokenizer and decodes greedily: what ``llama-cli``, ``llama-server`` and
 Ollama would answer.
@@ -29,6 +30,7 @@ from polm.errors import PolmError
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the pin in constraints.txt: the converter must match the library
 GGUF_FILE = "model.gguf"
+ADAPTER_FILE = "adapter.gguf"  # a LoRA adapter on model.gguf (a peft-adapter's export)
 # what the conversion needs from vendor/llama.cpp in the sdist (and the licence it comes under)
 CONVERTER = (
     "convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE",
@@ -141,6 +143,8 @@ class GgufLM:
                 f"{path} has no {GGUF_FILE}: a gguf checkpoint is one llama.cpp GGUF file "
                 "(written by optimize.gguf) with polm's manifest beside it."
             )
+        if lora is None and path.is_dir() and (path / ADAPTER_FILE).is_file():
+            lora = str(file.parent / ADAPTER_FILE)
         llama_cpp = require_llama_cpp()
         threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or None
         n_ctx = min(n_ctx, trained_context(file) or n_ctx)

@@ -50,15 +50,20 @@ def family(template: str | None) -> str | None:
     return None
 
 
-def modelfile(source: str, meta: dict, bos: str = "", eos: str = "") -> str:
+def modelfile(
+    source: str, meta: dict, bos: str = "", eos: str = "", adapter: str | None = None
+) -> str:
     """A Modelfile for the GGUF file at ``source`` (as ``FROM`` reads it), from the file's
-    metadata (``llama_cpp.Llama.metadata``) and its bos/eos token texts."""
+    metadata (``llama_cpp.Llama.metadata``) and its bos/eos token texts; ``adapter``: a LoRA
+    adapter GGUF applied on it."""
     template = meta.get("tokenizer.chat_template")
     name = family(template)
     # the template's own bos, unless llama.cpp adds one to every prompt already
     adds_bos = str(meta.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
     lead = bos if (template and "bos_token" in template and not adds_bos) else ""
     lines = ["# Ollama: ollama create NAME -f Modelfile (in this directory)", f"FROM {source}"]
+    if adapter:  # a LoRA adapter GGUF, applied on FROM's model
+        lines.append(f"ADAPTER {adapter}")
     if name:
         _, go, stops = FAMILIES[name]
         lines.append(f'TEMPLATE """{go.format(bos=lead, eos=eos)}"""')

@@ -97,6 +97,26 @@ def test_k_quant_export_runs_through_llama_cpps_quantizer(add_sft, tmp_path):
     assert all("=>" in a for a in lm.greedy(["12+34", "5+7"], 48))
 
 
+@pytest.mark.slow
+def test_a_lora_adapter_exports_as_a_gguf_adapter_that_llama_cpp_applies(base_ckpt, tmp_path):
+    from align.sft import SFTSettings
+    from align.sft import run as sft
+
+    s = SFTSettings(
+        task="add", method="lora", output_format="peft-adapter", learning_rate=5e-3, max_steps=20
+    )
+    adapter = sft([base_ckpt], s, tmp_path / "adapter")
+    ckpt = run([adapter], GgufSettings(outtype="f16", task="add", parity_n=50), tmp_path / "g")
+    assert (ckpt.path / "adapter.gguf").is_file() and (ckpt.path / "model.gguf").is_file()
+    # llama.cpp's base file with the adapter applied answers as torch's base + adapter does
+    assert ckpt.manifest.metrics["gguf.parity.greedy_match"] >= 0.95, ckpt.manifest.metrics
+    prompts = ["12+34", "5+7", "103+9", "44+44"]
+    with_adapter = GgufLM(ckpt.path).greedy(prompts, 32)
+    base_only = GgufLM(ckpt.path / "model.gguf").greedy(prompts, 32)
+    assert with_adapter != base_only  # the adapter is what changes the answers
+    assert "ADAPTER ./adapter.gguf" in (ckpt.path / "Modelfile").read_text()
+
+
 def test_wrong_inputs_and_settings_are_refused(base_ckpt, tmp_path):
     with pytest.raises(ValueError, match="outtype"):
         GgufSettings(outtype="q4_k")
