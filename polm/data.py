@@ -10,9 +10,7 @@ downloaded.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from polm.errors import PolmError
+from polm.errors import PolmError, user_path
 
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -42,7 +40,7 @@ def load_dataset_source(source: str, n: int | None = None):
 
         chats = [d for d in pretraining_documents(2 * (n or 20_000)) if isinstance(d, list)]
         return datasets.Dataset.from_dict({"messages": chats[: n or 20_000]})
-    path = Path(source).expanduser()
+    path = user_path(source)
     if not path.exists():
         raise PolmError(
             f"dataset {source!r} not found: give a local JSONL/JSON/CSV/parquet/"

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from polm.checkpoint import Checkpoint, check_safetensors, staging
-from polm.errors import PolmError
+from polm.errors import PolmError, user_path
 from polm.stage import CARRIED_FILES
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -110,7 +110,7 @@ def check_source(source: str, allow_pickle: bool = False) -> None:
     if source.startswith(PYPI):
         _pypi_package(source)  # installed; its GGUF is assembled at import, not here
         return
-    path = Path(source).expanduser()
+    path = user_path(source)
     if path.is_file() and path.suffix == ".gguf":
         return _check_gguf(path)
     if path.is_dir():
@@ -179,7 +179,7 @@ def import_model(source: str, out: str | Path, allow_pickle: bool = False) -> Ch
         dist, _ = _pypi_package(source)
         settings["package"] = f"{dist.metadata['Name']}=={dist.version}"
         return _import_gguf(pypi_gguf(source), Path(out), settings)
-    path = Path(source).expanduser()
+    path = user_path(source)
     if path.suffix == ".gguf":
         return _import_gguf(path, Path(out), settings)
     return _import_hf_dir(path, Path(out), settings)

@@ -158,6 +158,7 @@ def test_the_valid_recipe_passes():
 @given(st.text(max_size=200))
 @example("name: x\nseed: 1" + "0" * 5000 + "\nmodels: {base: builtin:tiny-base}\n")
 @example("[" * 3000 + "]" * 3000)
+@example("name: x\nmodels: {base: ~builtin:tiny-base}\n")  # ~user naming no user (was a traceback)
 @example("name: &a [*a]\nmodels: {base: builtin:tiny-base}\n")
 @example("name: !!python/object/apply:os.system [echo]\n")
 @example("\t- x")
