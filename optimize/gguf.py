@@ -109,10 +109,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 auto_tokenizer = AutoTokenizer.from_pretrained
 
+from polm.loading import saved_as_plain_tokenizer
+
 def from_pretrained(path, *args, **kwargs):
-    config = os.path.join(path, "tokenizer_config.json")
-    cls = json.load(open(config)).get("tokenizer_class") if os.path.isfile(config) else None
-    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+    if saved_as_plain_tokenizer(path):
         return PreTrainedTokenizerFast.from_pretrained(path)  # as polm.loading loads it
     return auto_tokenizer(path, *args, **kwargs)
 
@@ -210,12 +210,11 @@ def quantize(src_file: Path, out_file: Path, outtype: str) -> None:
         raise PolmError(f"{STAGE}: llama.cpp's quantizer failed ({outtype}, return code {rc})")
 
 
-def parity(parent: Checkpoint, path: Path, s: GgufSettings) -> dict:
-    """Greedy-answer and token-id agreement, torch and HF tokenizer vs llama.cpp."""
+def parity(parent: Checkpoint, lm, s: GgufSettings) -> dict:
+    """Greedy-answer and token-id agreement, torch and HF tokenizer vs llama.cpp (``lm``: the
+    export, a :class:`polm.llamacpp.GgufLM`)."""
     from polm.evaluate import chat_prompt, export_parity
-    from polm.llamacpp import GgufLM
 
-    lm = GgufLM(path)
     same, prompts, _, tokenizer = export_parity(parent, lm, s.task, s.parity_n, s.max_new_tokens)
     texts = [chat_prompt(tokenizer, p) for p in prompts]
     same_ids = sum(
@@ -267,12 +266,10 @@ def unpacked_onebit(parent: Checkpoint, dst: Path, outtype: str) -> Path:
     """An HF directory with the onebit checkpoint's weights dequantized (ternary: trit times
     its row's scale, which TQ1_0 / TQ2_0 blocks hold exactly: every nonzero weight of a row is
     plus or minus the row's scale, the block's scale is its largest magnitude)."""
-    import json as _json
-
     from polm.onebit import CONFIG_KEY, load_onebit
     from polm.stage import carry_files
 
-    method = _json.loads((parent.path / "config.json").read_text())[CONFIG_KEY]["method"]
+    method = json.loads((parent.path / "config.json").read_text())[CONFIG_KEY]["method"]
     if outtype in ("tq1_0", "tq2_0") and method != "ternary":
         raise PolmError(
             f"{STAGE}: {outtype} holds ternary weights; {parent.path} is {method} (OneBit "
@@ -318,15 +315,15 @@ def run(inputs: list[Checkpoint], settings: GgufSettings, out: Path) -> Checkpoi
             shutil.rmtree(src)
         from polm.llamacpp import GgufLM
 
-        lm = GgufLM(st.dir, n_ctx=64)
+        lm = GgufLM(st.dir)  # opened once: metadata, Modelfile, parity
         file_meta = dict(lm.llm.metadata)
         if s.modelfile:
             write_modelfile(st.dir, lm)
-        lm.llm.close()
-        del lm
         metrics: dict = {}
         if s.parity_n:
-            metrics |= parity(parent, st.dir, s)
+            metrics |= parity(parent, lm, s)
+        lm.llm.close()
+        del lm
         # a packed parent counted its own parameters; the others are counted from the file
         params = metrics_params(parent) if parent.format == "onebit" else stored_params(src)
         metrics |= {

@@ -14,18 +14,23 @@ from polm.checkpoint import Checkpoint, check_safetensors
 from polm.errors import PolmError
 
 
-def load_tokenizer(path):
+def saved_as_plain_tokenizer(path) -> bool:
+    """Whether ``path`` holds a plain ``tokenizer.json`` (polm's own tokenizer), to be loaded
+    exactly as saved: AutoTokenizer would pick the model type's class instead, and Qwen2's
+    adds an ``<|endoftext|>`` the model has no row for. llama.cpp's converter reads it so too."""
     import json
     from pathlib import Path
 
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     cfg = Path(path) / "tokenizer_config.json"
     cls = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.is_file() else None
+    return cls in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     try:
-        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            # a plain tokenizer.json (polm's own): AutoTokenizer would pick the model type's
-            # class instead (Qwen2's adds a token), so load it exactly as saved
+        if saved_as_plain_tokenizer(path):
             return PreTrainedTokenizerFast.from_pretrained(path)
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
