@@ -1,7 +1,9 @@
 """Supervised fine-tuning with TRL's ``SFTTrainer``: full, LoRA, prefix and prompt tuning.
 
-- Instruction tuning on chat data (``messages``) with the loss on assistant tokens only
-  (the built-in chat template marks them with ``{% generation %}``); prompt/completion data
+- Instruction tuning on chat data (``messages``) with the loss on assistant tokens only,
+  whatever the model's chat template (:mod:`align.chat_masks`: the template's
+  ``{% generation %}`` markers, TRL's training version of a template it knows, or polm's own
+  masks from rendering each turn); prompt/completion data
   trains on completions only; plain ``text`` is continued pretraining (domain adaptation).
 - ``replay`` mixes in data from outside the task (rehearsal: the base's pretraining chats, or a
   user's general data) so that the tuned model keeps what the task data does not show. Without
@@ -174,6 +176,22 @@ def peft_config(s: SFTSettings):
     return None
 
 
+def assistant_masks(s: SFTSettings, tokenizer, dataset):
+    """``(dataset, trl_masks, metrics)``: where the loss is on the assistant's tokens only,
+    either TRL masks them (``trl_masks``: the template has ``{% generation %}`` markers, or TRL
+    knows a training version of it) or polm tokenizes the data with the masks
+    (:mod:`align.chat_masks`); the way taken goes into the metrics."""
+    from align import chat_masks
+
+    if not (s.assistant_only_loss and "messages" in dataset.column_names):
+        return dataset, False, {}
+    source = chat_masks.mask_source(tokenizer)
+    log.info("assistant-only loss: masks from %s", chat_masks.DESCRIPTIONS[source])
+    if source == chat_masks.POLM:
+        dataset = chat_masks.tokenize_dataset(tokenizer, dataset)
+    return dataset, source != chat_masks.POLM, {"train.assistant_mask": source}
+
+
 def _greedy_answers(model, tokenizer, prompts: list[str]) -> list[str]:
     import torch
 
@@ -184,22 +202,24 @@ def _greedy_answers(model, tokenizer, prompts: list[str]) -> list[str]:
     return greedy_generate(model, tokenizer, prompts)
 
 
-def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoint | None:
+def build_trainer(base: Checkpoint, settings: SFTSettings, out: Path):
+    """``(trainer, tokenizer, metrics)``: TRL's ``SFTTrainer`` on ``base`` with its data set
+    prepared (replay mixed in, assistant masks), ready to train; ``metrics`` says how the
+    assistant's tokens were found."""
     import torch
     from trl import SFTConfig, SFTTrainer
 
     from polm.loading import load_model
 
-    base = single_input(inputs, STAGE, "hf")
     s = settings
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(base)
     dataset = build_dataset(s, answer=lambda prompts: _greedy_answers(model, tokenizer, prompts))
-    chat = "messages" in dataset.column_names
+    dataset, trl_masks, mask_metrics = assistant_masks(s, tokenizer, dataset)
     args = SFTConfig(
         **trainer_args(s, scratch_dir(out, s, [base])),
         packing=s.packing,
-        assistant_only_loss=s.assistant_only_loss and chat,
+        assistant_only_loss=trl_masks,
     )
     trainer = SFTTrainer(
         model=model,
@@ -208,7 +228,14 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
         processing_class=tokenizer,
         peft_config=peft_config(s),
     )
-    metrics = train(trainer)
+    return trainer, tokenizer, mask_metrics
+
+
+def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoint | None:
+    base = single_input(inputs, STAGE, "hf")
+    s = settings
+    trainer, tokenizer, mask_metrics = build_trainer(base, s, out)
+    metrics = {**train(trainer), **mask_metrics}
     fmt = s.resolved_output_format
     return save_trained(
         trainer,

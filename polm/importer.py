@@ -28,6 +28,8 @@ BUILTINS = {
     "tiny-llama": "a randomly initialised tiny Llama with the built-in tokenizer",
     "tiny-qwen2": "a randomly initialised tiny Qwen2 with the built-in tokenizer",
     "tiny-mistral": "a randomly initialised tiny Mistral with the built-in tokenizer",
+    "tiny-chatml": "a randomly initialised tiny Qwen2 with a ChatML chat template that has no "
+    "{% generation %} markers, as most models' own templates",
 }
 HF_FILES = ("config.json", *CARRIED_FILES, "model.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -193,10 +195,12 @@ def _import_builtin(name: str, out: Path, settings: dict) -> Checkpoint:
                     shutil.copy2(f, st.dir / f.name)
         else:
             from polm.models import tiny_model
-            from polm.tokenizer import build_tokenizer
+            from polm.tokenizer import build_tokenizer, chatml_tokenizer
 
-            tok = build_tokenizer()
-            model = tiny_model(name.split("-", 1)[1], vocab_size=len(tok), seed=0, tokenizer=tok)
+            arch = name.split("-", 1)[1]
+            tok = build_tokenizer() if arch != "chatml" else chatml_tokenizer()
+            arch = "qwen2" if arch == "chatml" else arch
+            model = tiny_model(arch, vocab_size=len(tok), seed=0, tokenizer=tok)
             model.save_pretrained(st.dir)
             tok.save_pretrained(st.dir)
         return st.commit(stage="import", format="hf", settings=settings)

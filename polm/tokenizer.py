@@ -33,6 +33,27 @@ CHAT_TEMPLATE = (
 )
 
 
+# A ChatML-style template (as Qwen's, without its default system prompt) for
+# ``builtin:tiny-chatml``: no ``{% generation %}`` markers, like most models' own templates.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def chatml_tokenizer():
+    """The built-in tokenizer with ChatML's two special tokens, ``<|im_end|>`` as its end of
+    turn (eos) and :data:`CHATML_TEMPLATE`."""
+    tok = build_tokenizer()
+    tok.add_tokens([IM_START, IM_END], special_tokens=True)
+    tok.eos_token = IM_END
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
 def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = VOCAB_SIZE):
     """Train the byte-level BPE on ``corpus`` (default: polm's synthetic corpus).
 

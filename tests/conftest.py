@@ -64,6 +64,21 @@ def add_sft(base_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def chatml_sft(tmp_path_factory):
+    """builtin:tiny-chatml (a ChatML template without {% generation %} markers) after a short
+    SFT on add with polm's own assistant masks (read-only for tests)."""
+    from align.sft import SFTSettings
+    from align.sft import run as sft
+    from polm.importer import import_model
+
+    def build(out):
+        base = import_model("builtin:tiny-chatml", out.parent / "chatml_base")
+        return sft([base], SFTSettings(task="add", n_train=256, max_steps=20), out)
+
+    return shared(tmp_path_factory, "chatml_sft", build)
+
+
+@pytest.fixture(scope="session")
 def onnx_int4(add_sft, tmp_path_factory):
     """The int4 ONNX export of ``add_sft``, built once per run (read-only for tests)."""
     return build_onnx_int4(add_sft, tmp_path_factory)

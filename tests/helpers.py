@@ -256,3 +256,12 @@ MALFORMED = [
     ("completion-over-context", "/v1/completions", {"prompt": LONG}, 400, "prompt"),
     ("unknown-route", "/v1/embeddings", {"input": "hi"}, 404, None),
 ]
+
+
+# A multi-turn chat (system, user, assistant, user) for chat template checks.
+CHAT = [
+    {"role": "system", "content": "answer with the sum"},
+    {"role": "user", "content": "12+34"},
+    {"role": "assistant", "content": "=> 46"},
+    {"role": "user", "content": "5+7"},
+]

@@ -14,7 +14,7 @@ from polm.errors import PolmError
 from polm.evaluate import chat_prompt, evaluate_checkpoint
 from polm.llamacpp import GgufLM
 from polm.loading import load_tokenizer
-from tests.helpers import shared
+from tests.helpers import CHAT, shared
 
 
 def _export(tmp_path_factory, parent, outtype, name, **kw):
@@ -115,6 +115,26 @@ def test_a_lora_adapter_exports_as_a_gguf_adapter_that_llama_cpp_applies(base_ck
     base_only = GgufLM(ckpt.path / "model.gguf").greedy(prompts, 32)
     assert with_adapter != base_only  # the adapter is what changes the answers
     assert "ADAPTER ./adapter.gguf" in (ckpt.path / "Modelfile").read_text()
+
+
+@pytest.mark.slow
+def test_a_chatml_model_exports_with_its_own_template(chatml_sft, tmp_path):
+    """A model whose template has no generation markers keeps that template, byte for byte,
+    in the GGUF (rendered by llama.cpp's side as by transformers) and in Ollama's Modelfile."""
+    from polm.tokenizer import CHATML_TEMPLATE, IM_END
+
+    ckpt = run([chatml_sft], GgufSettings(outtype="f16", task="add", parity_n=20), tmp_path / "g")
+    m = ckpt.manifest.metrics
+    assert m["gguf.parity.greedy_match"] >= 0.95 and m["gguf.parity.token_match"] == 1.0, m
+    lm = GgufLM(ckpt.path)
+    assert lm.llm.metadata["tokenizer.chat_template"] == CHATML_TEMPLATE
+    assert lm.eos_text == IM_END
+    tok = load_tokenizer(chatml_sft.path)
+    assert lm.render(CHAT) == tok.apply_chat_template(
+        CHAT, tokenize=False, add_generation_prompt=True
+    )
+    modelfile = (ckpt.path / "Modelfile").read_text()
+    assert "<|im_start|>{{ .Role }}" in modelfile and f'PARAMETER stop "{IM_END}"' in modelfile
 
 
 def test_wrong_inputs_and_settings_are_refused(base_ckpt, tmp_path):

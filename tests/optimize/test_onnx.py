@@ -14,6 +14,7 @@ from optimize.onnx import OnnxSettings, run
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
+from tests.helpers import CHAT
 
 
 @pytest.mark.slow
@@ -73,6 +74,23 @@ def test_fp32_export_matches_torch_logits(add_sft, tmp_path):
     m = ckpt.manifest.metrics
     assert m["onnx.parity.max_abs_logit_diff"] <= 1e-3, m
     assert m["onnx.parity.greedy_match"] == 1.0, m
+
+
+@pytest.mark.slow
+def test_a_chatml_model_exports_with_its_own_template(chatml_sft, tmp_path):
+    """onnxruntime-genai renders the exported model's chat template as transformers renders
+    the model's own (ChatML, no generation markers), and stops at its end of turn."""
+    from polm.loading import load_tokenizer
+    from polm.onnxrt import OnnxLM
+
+    s = OnnxSettings(precision="fp32", task="add", parity_n=10)
+    ckpt = run([chatml_sft], s, tmp_path / "o")
+    assert ckpt.manifest.metrics["onnx.parity.greedy_match"] == 1.0, ckpt.manifest.metrics
+    tok = load_tokenizer(chatml_sft.path)
+    lm = OnnxLM(ckpt.path)
+    ours = lm.tokenizer.apply_chat_template(json.dumps(CHAT), add_generation_prompt=True)
+    assert ours == tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert lm.eos == {tok.convert_tokens_to_ids("<|im_end|>")}
 
 
 def test_wrong_settings_and_inputs_are_refused(base_ckpt, tmp_path):
