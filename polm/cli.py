@@ -200,10 +200,11 @@ def cmd_stage(a) -> None:
 
 
 def cmd_package(a) -> None:
-    from polm.registry import packager
+    from polm.registry import packager, packager_options
 
-    out = packager(a.target)(a.ckpt, a.out, tar=a.tar, precision=a.precision)
-    print(f"{a.target} package -> {out}" + (f" (+ {out.name}.tar.gz)" if a.tar else ""))
+    options = {k: getattr(a, k) for k in packager_options(a.target) if hasattr(a, k)}
+    out = packager(a.target)(a.ckpt, a.out, **options)
+    print(f"{a.target} package -> {out}" + (f" (+ {a.tar_name.format(out.name)})" if a.tar else ""))
 
 
 def cmd_serve(a) -> None:
@@ -335,7 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["int4", "int8", "fp32"],
         help="export precision when CKPT is not already onnx",
     )
-    s.set_defaults(fn=cmd_package)
+    s.set_defaults(fn=cmd_package, tar_name="{}.tar.gz")
+    s = pk.add_parser(
+        "bento",
+        parents=[common],
+        help="a bento that carries the checkpoint (bentoml serve DIR, bentoml containerize)",
+    )
+    s.add_argument("ckpt")
+    s.add_argument("--out", required=True, help="where the bento is copied (bentoml serve OUT)")
+    s.add_argument("--tar", action="store_true", help="also write OUT.bento (bentoml import)")
+    s.set_defaults(fn=cmd_package, tar_name="{}.bento")
     s = sub.add_parser(
         "report",
         parents=[common],

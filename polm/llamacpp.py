@@ -64,7 +64,21 @@ def require_llama_cpp():
             "gguf checkpoints run on llama-cpp-python, which is not installed: `pip install "
             f"'polm[llamacpp]'` (it compiles llama.cpp: several minutes) or `make llamacpp` ({e})"
         ) from None
+    _close_at_exit(llama_cpp)
     return llama_cpp
+
+
+def _close_at_exit(llama_cpp) -> None:
+    """llama-cpp-python opens two handles on /dev/null at import and never closes them: a
+    ResourceWarning on stderr as the interpreter exits. Closed at exit instead (once)."""
+    import atexit
+
+    utils = getattr(llama_cpp, "_utils", None)
+    handles = [getattr(utils, n, None) for n in ("outnull_file", "errnull_file")]
+    if not getattr(utils, "_polm_closes", False) and all(handles):
+        utils._polm_closes = True
+        for handle in handles:
+            atexit.register(handle.close)
 
 
 def unpack(sdist: Path, dest: Path) -> Path:

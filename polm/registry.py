@@ -127,10 +127,17 @@ STAGES: dict[str, StageEntry] = {
 # package(ckpt, out, **options) -> Path, imported on use like the stages.
 PACKAGERS: dict[str, str] = {
     "edge": "serve.edge:package_edge",
+    "bento": "serve.bento:package_bento",
+}
+# how to run a package a packager wrote ({path}: where it is), for the end of `polm run`
+PACKAGE_USE: dict[str, str] = {
+    "edge": "see {path}/README.txt",
+    "bento": "bentoml serve {path}",
 }
 # each packager's check of a package it wrote: check(path) raises PolmError unless whole
 PACKAGE_CHECKS: dict[str, str] = {
     "edge": "serve.edge:check_package",
+    "bento": "serve.bento:check_package",
 }
 
 

@@ -393,8 +393,11 @@ def serve_hint(recipe: Recipe, results: list[StageResult], packages: list) -> st
         f"serve the final model ({final.id}): polm serve {final.checkpoint.path}",
         f"  (or, from the repository: bentoml serve --arg model={final.checkpoint.path})",
     ]
+    from polm.registry import PACKAGE_USE
+
     for p in packages:
-        lines.append(f"run the {p['target']} package {p['name']}: see {p['path']}/README.txt")
+        use = PACKAGE_USE.get(p["target"], "see {path}").format(path=p["path"])
+        lines.append(f"run the {p['target']} package {p['name']}: {use}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,8 @@ llamacpp, vllm), ``served_model_name`` (default: the checkpoint directory's name
 ``max_concurrency`` (generation requests in flight before a 429, default 32),
 ``max_body_bytes`` (default 1 MiB, 413 above), ``default_max_tokens`` (for requests that name
 no ``max_tokens``: the rest of the context, at most this; default 1024), ``timeout_s``
-(BentoML's request timeout, default 600).
+(BentoML's request timeout, default 600), ``bento_model`` (a BentoML model holding the
+checkpoint: what ``polm package bento`` builds into a bento, used when ``model`` is not given).
 
 The module imports only BentoML, Starlette and polm's protocol at import time. The service
 loads the model on a background thread from ``__init__``, so the server answers ``/livez`` at
@@ -39,6 +40,9 @@ class ServeArgs(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     timeout_s: int = Field(600, ge=1)
     default_max_tokens: int = Field(1024, ge=1, description="when a request names none")
+    bento_model: str | None = Field(
+        None, description="the BentoML model holding the checkpoint (polm package bento sets it)"
+    )
 
 
 def _args() -> ServeArgs:
@@ -69,7 +73,13 @@ class Polm:
         threading.Thread(target=self._load, name="polm-load", daemon=True).start()
 
     def _load(self) -> None:
-        load_state(self.state, ARGS.model, ARGS.backend, ARGS.served_model_name)
+        model, name, lineage = ARGS.model, ARGS.served_model_name, None
+        if model is None and ARGS.bento_model:  # a bento that carries its checkpoint
+            from serve.bento import packed_checkpoint
+
+            model, packed_name, lineage = packed_checkpoint(ARGS.bento_model)
+            name = name or packed_name
+        load_state(self.state, model, ARGS.backend, name, lineage)
 
     def __is_ready__(self) -> bool:
         return self.state.ready

@@ -32,9 +32,11 @@ def load_state(
     model: str | None,
     backend: str = "auto",
     served_model_name: str | None = None,
+    lineage: list[dict] | None = None,
 ) -> ServerState:
     """Open the checkpoint, load it on its backend, warm it up, then mark ``state`` ready; on
-    failure record why (the routes answer 503 with it, the log has the traceback)."""
+    failure record why (the routes answer 503 with it, the log has the traceback).
+    ``lineage``: the model card's lineage when the parents are not on disk (a bento's)."""
     try:
         from polm.checkpoint import Checkpoint
         from serve.backends import GenParams, open_backend
@@ -46,7 +48,7 @@ def load_state(
             "format": ckpt.format,
             "backend": engine.name,
             "stage": ckpt.stage,
-            "lineage": lineage_records(ckpt),
+            "lineage": lineage if lineage is not None else lineage_records(ckpt),
         }
         state.model_id = served_model_name or ckpt.path.name
         state.backend = engine

@@ -116,12 +116,20 @@ def free_port() -> int:
 
 
 class Server:
-    """`bentoml serve` of polm's service on a free port of 127.0.0.1; ``env`` becomes POLM_*
-    variables (``model=DIR`` -> ``POLM_MODEL=DIR``). Fails with the server's log if it exits or
-    is not ready within ``ready_s`` seconds."""
+    """`bentoml serve` of polm's service (or of a bento: ``target``) on a free port of
+    127.0.0.1; ``env`` becomes POLM_* variables (``model=DIR`` -> ``POLM_MODEL=DIR``),
+    ``process_env`` is added to the server's environment as it is. Fails with the server's
+    log if it exits or is not ready within ``ready_s`` seconds."""
 
     def __init__(
-        self, tmp: Path, target="serve.service:Polm", cwd=REPO, home=None, ready_s=180, **env
+        self,
+        tmp: Path,
+        target="serve.service:Polm",
+        cwd=REPO,
+        home=None,
+        ready_s=180,
+        process_env=None,
+        **env,
     ):
         import httpx
         from openai import OpenAI
@@ -137,6 +145,7 @@ class Server:
                 "POLM_CACHE": str(tmp / "cache"),
                 "OMP_NUM_THREADS": "1",
                 **({"BENTOML_HOME": str(home)} if home else {}),
+                **(process_env or {}),
                 **{f"POLM_{k.upper()}": str(v) for k, v in env.items()},
             },
             stdout=self.log,
@@ -259,7 +268,7 @@ MALFORMED = [
 
 
 # A multi-turn chat (system, user, assistant, user) for chat template checks.
-CHAT = [
+CHAT_TURNS = [
     {"role": "system", "content": "answer with the sum"},
     {"role": "user", "content": "12+34"},
     {"role": "assistant", "content": "=> 46"},

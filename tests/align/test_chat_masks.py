@@ -15,7 +15,7 @@ from polm.loading import load_tokenizer
 from polm.tokenizer import CHATML_TEMPLATE, IM_END
 from tests import helpers
 
-CHAT = [*helpers.CHAT, {"role": "assistant", "content": "=> 12"}]
+CHAT = [*helpers.CHAT_TURNS, {"role": "assistant", "content": "=> 12"}]
 
 
 @pytest.fixture(scope="module")

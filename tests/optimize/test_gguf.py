@@ -14,7 +14,7 @@ from polm.errors import PolmError
 from polm.evaluate import chat_prompt, evaluate_checkpoint
 from polm.llamacpp import GgufLM
 from polm.loading import load_tokenizer
-from tests.helpers import CHAT, shared
+from tests.helpers import CHAT_TURNS, shared
 
 
 def _export(tmp_path_factory, parent, outtype, name, **kw):
@@ -130,8 +130,8 @@ def test_a_chatml_model_exports_with_its_own_template(chatml_sft, tmp_path):
     assert lm.llm.metadata["tokenizer.chat_template"] == CHATML_TEMPLATE
     assert lm.eos_text == IM_END
     tok = load_tokenizer(chatml_sft.path)
-    assert lm.render(CHAT) == tok.apply_chat_template(
-        CHAT, tokenize=False, add_generation_prompt=True
+    assert lm.render(CHAT_TURNS) == tok.apply_chat_template(
+        CHAT_TURNS, tokenize=False, add_generation_prompt=True
     )
     modelfile = (ckpt.path / "Modelfile").read_text()
     assert "<|im_start|>{{ .Role }}" in modelfile and f'PARAMETER stop "{IM_END}"' in modelfile

@@ -14,7 +14,7 @@ from optimize.onnx import OnnxSettings, run
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
-from tests.helpers import CHAT
+from tests.helpers import CHAT_TURNS
 
 
 @pytest.mark.slow
@@ -88,8 +88,8 @@ def test_a_chatml_model_exports_with_its_own_template(chatml_sft, tmp_path):
     assert ckpt.manifest.metrics["onnx.parity.greedy_match"] == 1.0, ckpt.manifest.metrics
     tok = load_tokenizer(chatml_sft.path)
     lm = OnnxLM(ckpt.path)
-    ours = lm.tokenizer.apply_chat_template(json.dumps(CHAT), add_generation_prompt=True)
-    assert ours == tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    ours = lm.tokenizer.apply_chat_template(json.dumps(CHAT_TURNS), add_generation_prompt=True)
+    assert ours == tok.apply_chat_template(CHAT_TURNS, tokenize=False, add_generation_prompt=True)
     assert lm.eos == {tok.convert_tokens_to_ids("<|im_end|>")}
 
 

@@ -127,6 +127,16 @@ def test_registry_entries_resolve_and_settings_are_strict():
         assert (REPO / (module.replace(".", "/") + ".py")).is_file()
 
 
+def test_every_package_target_resolves_with_its_check_and_use(tmp_path):
+    from polm.registry import PACKAGE_CHECKS, PACKAGE_USE, PACKAGERS, packager, packager_check
+
+    assert set(PACKAGERS) == set(PACKAGE_CHECKS) == set(PACKAGE_USE) >= {"edge", "bento"}
+    for target in PACKAGERS:
+        assert callable(packager(target)), target
+        with pytest.raises(PolmError):  # an empty directory is no package of any target
+            packager_check(target, tmp_path)
+
+
 def stage_files() -> dict[str, list[str]]:
     """Every module under align/, merge/ and optimize/ with a top-level ``run`` function (a
     stage, by the house convention), with run's parameter names: ``{"align.sft": ["inputs",
