@@ -324,28 +324,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("package", parents=[common], help="package a checkpoint for deployment")
     pk = s.add_subparsers(dest="target", required=True, metavar="TARGET")
-    s = pk.add_parser(
-        "edge", parents=[common], help="int4 ONNX + runner needing only onnxruntime-genai"
-    )
-    s.add_argument("ckpt")
-    s.add_argument("--out", required=True)
-    s.add_argument("--tar", action="store_true", help="also write OUT.tar.gz")
-    s.add_argument(
-        "--precision",
-        default="int4",
-        choices=["int4", "int8", "fp32"],
-        help="export precision when CKPT is not already onnx",
-    )
-    s.set_defaults(fn=cmd_package, tar_name="{}.tar.gz")
-    s = pk.add_parser(
-        "bento",
-        parents=[common],
-        help="a bento that carries the checkpoint (bentoml serve DIR, bentoml containerize)",
-    )
-    s.add_argument("ckpt")
-    s.add_argument("--out", required=True, help="where the bento is copied (bentoml serve OUT)")
-    s.add_argument("--tar", action="store_true", help="also write OUT.bento (bentoml import)")
-    s.set_defaults(fn=cmd_package, tar_name="{}.bento")
+    # target: (help, --out's help, what --tar writes)
+    targets = {
+        "edge": (
+            "int4 ONNX + runner needing only onnxruntime-genai",
+            "the package's directory",
+            "{}.tar.gz",
+        ),
+        "bento": (
+            "a bento that carries the checkpoint (bentoml serve DIR, bentoml containerize)",
+            "where the bento is copied (bentoml serve OUT)",
+            "{}.bento",
+        ),
+    }
+    for target, (help_, out_help, tar_name) in targets.items():
+        s = pk.add_parser(target, parents=[common], help=help_)
+        s.add_argument("ckpt")
+        s.add_argument("--out", required=True, help=out_help)
+        s.add_argument("--tar", action="store_true", help=f"also write {tar_name.format('OUT')}")
+        s.set_defaults(fn=cmd_package, tar_name=tar_name)
+        if target == "edge":
+            s.add_argument(
+                "--precision",
+                default="int4",
+                choices=["int4", "int8", "fp32"],
+                help="export precision when CKPT is not already onnx",
+            )
     s = sub.add_parser(
         "report",
         parents=[common],
