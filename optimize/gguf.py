@@ -27,6 +27,9 @@ The parity check decodes the parity prompts greedily with the torch parent and w
 and records the share of identical answers (``gguf.parity.greedy_match``) and the share of
 chat-rendered prompts whose token ids are identical (``gguf.parity.token_match``).
 
+From a GPTQ checkpoint (symmetric 4-bit, groups of whole 32-column blocks), ``q4_0`` is written
+with GPTQ's own codes and scales rather than rounded again (:mod:`optimize.gguf_gptq`).
+
 Ollama: the stage writes a ``Modelfile`` beside the file (``ollama create NAME -f Modelfile``
 in the checkpoint directory).
 """
@@ -284,7 +287,11 @@ def unpacked_onebit(parent: Checkpoint, dst: Path, outtype: str) -> Path:
 
 def run(inputs: list[Checkpoint], settings: GgufSettings, out: Path) -> Checkpoint:
     s = settings
-    parent = single_input(inputs, STAGE, "hf", "onebit", "peft-adapter")
+    parent = single_input(inputs, STAGE, "hf", "onebit", "peft-adapter", "gptq")
+    if parent.format == "gptq":
+        from optimize import gguf_gptq
+
+        gguf_gptq.check_exportable(parent, s.outtype)
     if s.outtype in ("tq1_0", "tq2_0") and parent.format != "onebit":
         raise PolmError(
             f"{STAGE}: {s.outtype} is for ternary weights: export a ternary optimize.onebit "
@@ -302,7 +309,10 @@ def run(inputs: list[Checkpoint], settings: GgufSettings, out: Path) -> Checkpoi
             src = adapter_base(parent).path
             lora_type = "f16" if s.outtype in ("f16", "f32", "bf16") else "q8_0"
             convert(parent.path, st.dir / ADAPTER_FILE, lora_type, meta, base=src)
-        if s.outtype in CONVERTER_TYPES:
+        exported: dict = {}
+        if parent.format == "gptq":  # GPTQ's own q4_0 blocks (optimize/gguf_gptq.py)
+            exported = gguf_gptq.export(parent, st.dir, target, convert, quantize, meta)
+        elif s.outtype in CONVERTER_TYPES:
             convert(src, target, s.outtype, meta)
         else:
             full = st.dir / "f32.gguf"
@@ -319,13 +329,14 @@ def run(inputs: list[Checkpoint], settings: GgufSettings, out: Path) -> Checkpoi
         file_meta = dict(lm.llm.metadata)
         if s.modelfile:
             write_modelfile(st.dir, lm)
-        metrics: dict = {}
+        metrics: dict = dict(exported)
         if s.parity_n:
             metrics |= parity(parent, lm, s)
         lm.llm.close()
         del lm
         # a packed parent counted its own parameters; the others are counted from the file
-        params = metrics_params(parent) if parent.format == "onebit" else stored_params(src)
+        packed = parent.format in ("onebit", "gptq")
+        params = metrics_params(parent) if packed else stored_params(src)
         metrics |= {
             "params": params,
             "bits_per_weight": 8 * target.stat().st_size / params,

@@ -137,6 +137,60 @@ def test_a_chatml_model_exports_with_its_own_template(chatml_sft, tmp_path):
     assert "<|im_start|>{{ .Role }}" in modelfile and f'PARAMETER stop "{IM_END}"' in modelfile
 
 
+@pytest.fixture(scope="module")
+def gptq4(add_sft, tmp_path_factory):
+    from optimize.gptq import GPTQSettings
+    from optimize.gptq import run as gptq
+
+    s = GPTQSettings(bits=4, group_size=32, n_calibration=128, task="add")
+    return shared(tmp_path_factory, "gptq4_g32", lambda out: gptq([add_sft], s, out))
+
+
+@pytest.mark.slow
+def test_a_gptq_checkpoint_exports_its_own_blocks_as_q4_0(gptq4, tmp_path):
+    """GPTQ's codes and scales become the file's q4_0 blocks unchanged (not rounded again), and
+    llama.cpp's answers keep the GPTQ model's accuracy."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors import safe_open
+
+    from optimize.gguf_gptq import _layer
+
+    ckpt = run([gptq4], GgufSettings(outtype="q4_0", task="add", parity_n=50), tmp_path / "g")
+    m = ckpt.manifest.metrics
+    assert m["gguf.gptq_blocks"] == 4 * 7, m  # every linear layer of tiny-base's 4 blocks
+    assert m["gguf.parity.greedy_match"] >= 0.95, m
+    tensors = {t.name: t for t in GGUFReader(ckpt.path / "model.gguf").tensors}
+    down = tensors["blk.1.ffn_down.weight"]
+    with safe_open(gptq4.path / "model.safetensors", "np") as f:
+        gptq_weight, _ = _layer(f, "model.layers.1.mlp.down_proj", zero_offset=1)
+    ours = dequantize(down.data, down.tensor_type).reshape(gptq_weight.shape)
+    assert np.array_equal(ours, gptq_weight)  # bit for bit: the blocks are GPTQ's
+    gguf_acc = evaluate_checkpoint(ckpt, ["add"], n=200, with_perplexity=False)
+    torch_acc = evaluate_checkpoint(gptq4, ["add"], n=200, with_perplexity=False)
+    assert gguf_acc["eval.add.accuracy"] >= 0.98 * torch_acc["eval.add.accuracy"], (
+        gguf_acc,
+        torch_acc,
+    )
+
+
+def test_a_gptq_checkpoint_that_is_not_q4_0_data_is_refused(gptq4, tmp_path):
+    import json
+    import shutil
+
+    with pytest.raises(PolmError, match="outtype: q4_0"):
+        run([gptq4], GgufSettings(outtype="q8_0"), tmp_path / "x")
+    asym = tmp_path / "asym"
+    shutil.copytree(gptq4.path, asym)
+    config = json.loads((asym / "config.json").read_text())
+    config["quantization_config"].update(sym=False, group_size=48)
+    (asym / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PolmError, match="asymmetric.*group_size 48"):
+        run([Checkpoint.open(asym)], GgufSettings(outtype="q4_0"), tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_wrong_inputs_and_settings_are_refused(base_ckpt, tmp_path):
     with pytest.raises(ValueError, match="outtype"):
         GgufSettings(outtype="q4_k")
