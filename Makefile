@@ -3,34 +3,47 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+VENV_PIP := $(VENV)/.pip
 STAMP := $(VENV)/.installed
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CPP_SDIST := $(VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+LLAMA_WHEEL := $(VENV)/.llamacpp-wheel-$(LLAMA_CPP_PYTHON)
 LLAMA_STAMP := $(VENV)/.llamacpp-$(LLAMA_CPP_PYTHON)
+# two jobs: llama.cpp compiles while the dependencies install (make test, make bench)
+MAKEFLAGS += -j2
 
 .PHONY: setup llamacpp demo test lint clean bench bench-serve
 
 setup: $(STAMP)
 
-# torch first and pinned (a CPU build on these machines; a range would pull a CUDA build),
-# then polm and its dependencies resolved against the constraints file.
-$(STAMP): pyproject.toml constraints.txt
+# the virtual environment and a current pip, what both installs below start from
+$(VENV_PIP):
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	touch $(VENV_PIP)
+
+# torch first and pinned (a CPU build on these machines; a range would pull a CUDA build),
+# then polm and its dependencies resolved against the constraints file.
+$(STAMP): pyproject.toml constraints.txt $(VENV_PIP)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 # llama.cpp (optimize.gguf, gguf checkpoints; the tests need it, the quickstart does not):
-# llama-cpp-python has no wheel, so its sdist is downloaded once and compiled (2.5 minutes on
-# 2 cores; pip keeps the wheel), and llama.cpp's converter is unpacked from the same sdist.
-# Without the multimodal library (LLAVA_BUILD=OFF: polm serves text; a quarter of the compile).
+# llama-cpp-python has no wheel, so its sdist is downloaded once and compiled into a wheel
+# (2.5 minutes on 2 cores, beside the dependencies' install), and llama.cpp's converter is
+# unpacked from the same sdist. Without the multimodal library (LLAVA_BUILD=OFF: polm serves
+# text; a quarter of the compile).
 llamacpp: $(LLAMA_STAMP)
 
-$(LLAMA_STAMP): $(STAMP)
+$(LLAMA_WHEEL): $(VENV_PIP)
 	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(VENV)/src llama-cpp-python==$(LLAMA_CPP_PYTHON)
-	@echo "compiling llama.cpp (llama-cpp-python $(LLAMA_CPP_PYTHON)): several minutes on 2 cores"
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(BIN)/pip install -q -c constraints.txt $(LLAMA_CPP_SDIST)
+	@echo "compiling llama.cpp (llama-cpp-python $(LLAMA_CPP_PYTHON)): a few minutes on 2 cores"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(BIN)/pip wheel -q --no-deps -w $(VENV)/src/wheels $(LLAMA_CPP_SDIST)
+	touch $(LLAMA_WHEEL)
+
+$(LLAMA_STAMP): $(STAMP) $(LLAMA_WHEEL)
+	$(BIN)/pip install -q -c constraints.txt $(VENV)/src/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 	$(BIN)/python -m polm.llamacpp unpack $(LLAMA_CPP_SDIST)
 	touch $(LLAMA_STAMP)
 
