@@ -221,7 +221,7 @@ def cmd_serve(a) -> None:
         from polm.checkpoint import Checkpoint
 
         a.model = str(Checkpoint.open(a.model).path.absolute())  # no checkpoint: exit 2 now
-    for var in ("POLM_MODEL", "POLM_CACHE"):
+    for var in ("POLM_MODEL", "POLM_CACHE", "POLM_API_KEY_FILE"):
         if os.environ.get(var):
             os.environ[var] = str(Path(os.environ[var]).expanduser().absolute())
     spec = importlib.util.find_spec("serve")
@@ -230,7 +230,11 @@ def cmd_serve(a) -> None:
     working_dir = Path(spec.origin).resolve().parent.parent
     argv = [sys.executable, "-m", "bentoml", "serve", "serve.service:Polm"]
     argv += ["--working-dir", str(working_dir), "--host", a.host, "--port", str(a.port)]
-    for key in ("model", "backend", "served_model_name", "max_concurrency"):
+    if a.api_key_file is not None:
+        a.api_key_file = str(Path(a.api_key_file).expanduser().absolute())
+        if not Path(a.api_key_file).is_file():
+            raise PolmError(f"--api-key-file {a.api_key_file}: no such file.")
+    for key in ("model", "backend", "served_model_name", "max_concurrency", "api_key_file"):
         value = getattr(a, key)
         if value is not None:
             argv += ["--arg", f"{key}={value}"]
@@ -319,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["auto", "transformers", "onnx", "vllm", "llamacpp"])
     s.add_argument("--served-model-name", dest="served_model_name")
     s.add_argument("--max-concurrency", dest="max_concurrency", type=int)
+    s.add_argument(
+        "--api-key-file",
+        dest="api_key_file",
+        help="a file of API keys (one a line) every /v1 route then requires as a Bearer token "
+        "(or POLM_API_KEY=key1,key2 in the environment)",
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=3000)
     s.set_defaults(fn=cmd_serve)

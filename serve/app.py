@@ -14,6 +14,7 @@ generation request beyond ``max_concurrency`` in flight is a 429. Health probes 
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from pathlib import Path
@@ -125,6 +126,36 @@ class Limits:
             self.active -= limited
 
 
+class ApiKeys:
+    """With API keys set, every ``/v1`` route takes ``Authorization: Bearer <key>`` (compared in
+    constant time against every key); a missing or wrong key is an OpenAI-shaped 401, before the
+    body is read or a model is reached. The chat page and BentoML's probes stay open."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        ok = False
+        for key in self.keys:  # no early exit: the time does not say which key came close
+            ok |= hmac.compare_digest(token.strip(), key)
+        if ok and scheme.lower() == b"bearer":
+            return await self.app(scope, receive, send)
+        err = APIError(
+            401,
+            "a valid API key is required: send it as 'Authorization: Bearer <key>'"
+            if given
+            else "no API key was given: send it as 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+        response = error_response(err)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return await response(scope, receive, send)
+
+
 # ---- routes ----------------------------------------------------------------------------
 
 
@@ -216,7 +247,7 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     req = ChatCompletionRequest.model_validate(await _json(request))
     _check_model(state, req.model)
-    messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in req.messages]
+    messages = [m.for_template() for m in req.messages]
     ids = state.backend.encode(state.backend.render_chat(messages))
     params = _params(state, req, len(ids))
     rid = new_id("chatcmpl")
@@ -336,9 +367,13 @@ async def chat_page(request: Request) -> Response:
 
 
 def build_app(
-    state: ServerState | None = None, max_body_bytes: int = 1 << 20, max_concurrency: int = 32
+    state: ServerState | None = None,
+    max_body_bytes: int = 1 << 20,
+    max_concurrency: int = 32,
+    api_keys: list[str] | None = None,
 ) -> Starlette:
-    """The ASGI app: OpenAI routes, the chat page, the limits and the error mapping."""
+    """The ASGI app: OpenAI routes, the chat page, API keys, the limits and the error
+    mapping."""
     routes = [
         Route("/", chat_page, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
@@ -352,7 +387,8 @@ def build_app(
         routes=routes,
         exception_handlers=handlers,
         middleware=[
-            Middleware(Limits, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency)
+            Middleware(ApiKeys, keys=list(api_keys or [])),
+            Middleware(Limits, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency),
         ],
     )
     app.state.polm = state or ServerState()

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
 MAX_STOP_CHARS = 64
@@ -64,10 +64,52 @@ class Sampling(Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class TextPart(BaseModel):
+    """One part of a message's content. Only ``text`` parts are read (these models read text);
+    any other type is a 400 that names it."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # an image part has other fields
+    type: str = Field(max_length=64)
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise ValueError(
+                f"content parts of type {self.type!r} are not supported: this model reads text "
+                "only (parts of type 'text')"
+            )
+        if self.text is None or self.model_extra:
+            raise ValueError("a text part has exactly the fields 'type' and 'text'")
+        return self
+
+
+# what OpenAI's "developer" role is to a chat template: the system's instructions
+ROLE_FOR_TEMPLATE = {"developer": "system"}
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_TEXT_CHARS)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
+        description="a string, or a list of text parts (joined with newlines, as vLLM does)"
+    )
     name: str | None = Field(None, max_length=64)
+
+    @field_validator("content")
+    @classmethod
+    def _bounded(cls, v):
+        if len(cls.join(v)) > MAX_TEXT_CHARS:
+            raise ValueError(f"the content is longer than {MAX_TEXT_CHARS} characters")
+        return v
+
+    @staticmethod
+    def join(content) -> str:
+        return content if isinstance(content, str) else "\n".join(p.text for p in content)
+
+    def for_template(self) -> dict:
+        """The message as a chat template takes it: plain text, OpenAI roles mapped."""
+        role = ROLE_FOR_TEMPLATE.get(self.role, self.role)
+        return {"role": role, "content": self.join(self.content)}
 
 
 class ChatCompletionRequest(Sampling):
@@ -243,7 +285,8 @@ def validation_error(e) -> APIError:
     elif param == "n":
         msg = "n: only one choice per request is supported (n=1)"
     else:
-        msg = f"{param}: {err['msg']}" if param else err["msg"]
+        text = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
+        msg = f"{param}: {text}" if param else text
     return APIError(400, msg, param=param, code=err["type"])
 
 

@@ -9,7 +9,9 @@ llamacpp, vllm), ``served_model_name`` (default: the checkpoint directory's name
 ``max_concurrency`` (generation requests in flight before a 429, default 32),
 ``max_body_bytes`` (default 1 MiB, 413 above), ``default_max_tokens`` (for requests that name
 no ``max_tokens``: the rest of the context, at most this; default 1024), ``timeout_s``
-(BentoML's request timeout, default 600), ``bento_model`` (a BentoML model holding the
+(BentoML's request timeout, default 600), ``api_key`` (comma-separated keys that every
+``/v1`` route then requires as ``Authorization: Bearer``; or ``api_key_file``, one key a
+line), ``bento_model`` (a BentoML model holding the
 checkpoint: what ``polm package bento`` builds into a bento, used when ``model`` is not given).
 
 The module imports only BentoML, Starlette and polm's protocol at import time. The service
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 
 import bentoml
 from pydantic import BaseModel, Field
@@ -40,6 +43,10 @@ class ServeArgs(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     timeout_s: int = Field(600, ge=1)
     default_max_tokens: int = Field(1024, ge=1, description="when a request names none")
+    api_key: str | None = Field(
+        None, description="API keys (comma-separated) every /v1 route requires as a Bearer token"
+    )
+    api_key_file: str | None = Field(None, description="a file of API keys, one per line")
     bento_model: str | None = Field(
         None, description="the BentoML model holding the checkpoint (polm package bento sets it)"
     )
@@ -54,9 +61,21 @@ def _args() -> ServeArgs:
     return ServeArgs(**given)
 
 
+def _api_keys(args: ServeArgs) -> list[str]:
+    keys = [k.strip() for k in (args.api_key or "").split(",")]
+    if args.api_key_file:
+        keys += [k.strip() for k in Path(args.api_key_file).read_text().splitlines()]
+    return [k for k in keys if k and not k.startswith("#")]
+
+
 ARGS = _args()
 STATE = ServerState(default_max_tokens=ARGS.default_max_tokens)
-APP = build_app(STATE, max_body_bytes=ARGS.max_body_bytes, max_concurrency=ARGS.max_concurrency)
+APP = build_app(
+    STATE,
+    max_body_bytes=ARGS.max_body_bytes,
+    max_concurrency=ARGS.max_concurrency,
+    api_keys=_api_keys(ARGS),
+)
 
 
 @bentoml.service(

@@ -76,16 +76,16 @@ def build_onnx_int4(add_sft: Checkpoint, tmp_path_factory) -> Checkpoint:
 # --- the serving app in-process -------------------------------------------------------------
 
 
-def app_client(state: ServerState):
+def app_client(state: ServerState, api_key: str = "-", **app_options):
     """The official `openai` client on the serving app, over httpx's ASGI transport."""
     import httpx
     from openai import AsyncOpenAI
 
     from serve.app import build_app
 
-    transport = httpx.ASGITransport(app=build_app(state))
+    transport = httpx.ASGITransport(app=build_app(state, **app_options))
     http = httpx.AsyncClient(transport=transport, base_url="http://polm.test/v1")
-    return AsyncOpenAI(base_url="http://polm.test/v1", api_key="-", http_client=http)
+    return AsyncOpenAI(base_url="http://polm.test/v1", api_key=api_key, http_client=http)
 
 
 async def answers(state: ServerState, prompts: list[str], **kw) -> list[str]:
@@ -129,6 +129,7 @@ class Server:
         home=None,
         ready_s=180,
         process_env=None,
+        client_api_key="unused",
         **env,
     ):
         import httpx
@@ -166,7 +167,7 @@ class Server:
             time.sleep(0.25)
         else:
             raise AssertionError("server never became ready:\n" + self.read_log())
-        self.client = OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+        self.client = OpenAI(base_url=self.url + "/v1", api_key=client_api_key, max_retries=0)
         self.model = self.client.models.list().data[0].id
 
     def read_log(self) -> str:
@@ -243,6 +244,15 @@ MALFORMED = [
     ("stream-not-bool", CHAT, {"messages": MSG, "stream": "yes"}, 400, "stream"),
     ("unknown-field", CHAT, {"messages": MSG, "max_token": 5}, 400, "max_token"),
     ("negative-seed", CHAT, {"messages": MSG, "seed": -1}, 400, "seed"),
+    (
+        "image-part",
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400,
+        "messages.0.content.0",
+    ),
+    ("empty-parts", CHAT, {"messages": [{"role": "user", "content": []}]}, 400, None),
+    ("tool-role", CHAT, {"messages": [{"role": "tool", "content": "4"}]}, 400, None),
     (
         "prompt-over-context",
         CHAT,

@@ -204,6 +204,66 @@ def test_the_openai_client_sees_typed_errors(server):
     assert r.status_code == 405 and "error" in r.json()
 
 
+def test_content_parts_and_the_developer_role_read_as_text_and_system(server):
+    """What the official SDK and agent frameworks send: content as a list of text parts, and the
+    ``developer`` role for system text; the model reads them as the plain forms."""
+    plain = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Reverse the letters:\nabcd"},
+    ]
+    parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Reverse the letters:"},
+                {"type": "text", "text": "abcd"},
+            ],
+        },
+    ]
+    a, b = (
+        server.client.chat.completions.create(
+            model=server.model, messages=m, temperature=0, max_completion_tokens=24
+        )
+        for m in (plain, parts)
+    )
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="'image_url' are not supported"):
+        image = {"type": "image_url", "image_url": {"url": "x"}}
+        server.client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": [image]}]
+        )
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("keyed"), api_key="key-one,key-two",
+               client_api_key="key-two")  # fmt: skip
+    yield s
+    s.stop()
+
+
+def test_with_api_keys_set_the_client_needs_one(keyed):
+    import openai
+    from openai import OpenAI
+
+    r = keyed.client.chat.completions.create(
+        model=keyed.model, messages=MSG, temperature=0, max_tokens=8
+    )
+    assert r.choices[0].message.content is not None
+    wrong = OpenAI(base_url=keyed.url + "/v1", api_key="key-three", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=keyed.model, messages=MSG)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    bare = httpx.post(keyed.url + CHAT, json={"messages": MSG})
+    assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(keyed.url + "/readyz").status_code == 200  # probes stay open
+
+
 def slow_request(url: str, path: str = CHAT):
     """Open a request whose body never finishes arriving: it holds a slot until released."""
     body = json.dumps({"messages": MSG, "max_tokens": 4, "temperature": 0}).encode()

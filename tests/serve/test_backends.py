@@ -17,7 +17,7 @@ from polm.tasks import get_task
 from serve.app import build_app
 from serve.backends import TextStream, choose_backend
 from serve.state import ServerState, load_state
-from tests.helpers import answers, shared
+from tests.helpers import answers, app_client, shared
 
 pytestmark = pytest.mark.slow
 PROMPTS = [ex for ex in get_task("add").examples("test", 8)]
@@ -194,3 +194,47 @@ def test_stop_strings_are_cut_even_when_split_across_tokens():
     assert run(["42"]) == ("The answer is ", True)
     assert run(["xyz", "is 4"]) == ("The answer ", True)
     assert run(["!?"]) == ("The answer is 42!", False)  # held back, then released at the end
+
+
+def test_api_keys_guard_every_v1_route_and_bad_keys_reach_no_model(add_sft):
+    state = load_state(ServerState(), str(add_sft.path))
+    keys = ["key-one", "key-two"]
+    chat_body = {"messages": [{"role": "user", "content": "1+2"}]}
+
+    async def go():
+        app = build_app(state, api_keys=keys)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://polm.test") as http:
+            before = state.backend.stats["requests"]
+            bad = [{}, {"Authorization": "Bearer key-three"}, {"Authorization": "key-one"},
+                   {"Authorization": "Bearer "}, {"Authorization": "Basic key-one"}]  # fmt: skip
+            routes = [
+                ("POST", "/v1/chat/completions", chat_body),
+                ("POST", "/v1/completions", {"prompt": "1+2", "max_tokens": 4}),
+                ("GET", "/v1/models", None),
+                ("GET", "/v1/models/add_sft", None),
+            ]
+            codes = []
+            for headers in bad:
+                for method, path, body in routes:  # 5 x 4 = 20 requests
+                    r = await http.request(method, path, json=body, headers=headers)
+                    codes.append(r.status_code)
+                    err = r.json()["error"]
+                    assert err["code"] == "invalid_api_key" and "Bearer" in err["message"], err
+                    assert r.headers["www-authenticate"] == "Bearer"
+            assert codes == [401] * 20
+            assert state.backend.stats["requests"] == before  # none reached the model
+            assert (await http.get("/")).status_code == 200  # the chat page itself is open
+            client = app_client(state, api_key="key-two", api_keys=keys)
+            r = await client.chat.completions.create(
+                model=state.model_id,
+                messages=[{"role": "user", "content": "12+34"}],
+                temperature=0,
+                max_tokens=32,
+            )
+            assert r.choices[0].message.content and state.backend.stats["requests"] > before
+
+    try:
+        asyncio.run(go())
+    finally:
+        state.backend.close()
