@@ -238,30 +238,35 @@ def test_content_parts_and_the_developer_role_read_as_text_and_system(server):
         )
 
 
+KEYS = "key-one,key-two"  # the capped server's API keys
+AUTH = {"Authorization": "Bearer key-two"}
+
+
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("keyed"), api_key="key-one,key-two",
+def capped(tmp_path_factory):
+    """The built-in model with a concurrency cap of 2 and API keys."""
+    s = Server(tmp_path_factory.mktemp("capped"), max_concurrency=2, api_key=KEYS,
                client_api_key="key-two")  # fmt: skip
     yield s
     s.stop()
 
 
-def test_with_api_keys_set_the_client_needs_one(keyed):
+def test_with_api_keys_set_the_client_needs_one(capped):
     import openai
     from openai import OpenAI
 
-    r = keyed.client.chat.completions.create(
-        model=keyed.model, messages=MSG, temperature=0, max_tokens=8
+    r = capped.client.chat.completions.create(
+        model=capped.model, messages=MSG, temperature=0, max_tokens=8
     )
     assert r.choices[0].message.content is not None
-    wrong = OpenAI(base_url=keyed.url + "/v1", api_key="key-three", max_retries=0)
+    wrong = OpenAI(base_url=capped.url + "/v1", api_key="key-three", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
-        wrong.chat.completions.create(model=keyed.model, messages=MSG)
+        wrong.chat.completions.create(model=capped.model, messages=MSG)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
-    bare = httpx.post(keyed.url + CHAT, json={"messages": MSG})
+    bare = httpx.post(capped.url + CHAT, json={"messages": MSG})
     assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(keyed.url + "/readyz").status_code == 200  # probes stay open
+    assert httpx.get(capped.url + "/readyz").status_code == 200  # probes stay open
 
 
 def slow_request(url: str, path: str = CHAT):
@@ -271,6 +276,7 @@ def slow_request(url: str, path: str = CHAT):
     sock = socket.create_connection((host, int(port)))
     sock.sendall(
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Authorization: {AUTH['Authorization']}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body[:5]
     )
@@ -289,24 +295,17 @@ def slow_request(url: str, path: str = CHAT):
     return finish
 
 
-@pytest.fixture(scope="module")
-def capped(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("capped"), max_concurrency=2)
-    yield s
-    s.stop()
-
-
 def test_over_the_concurrency_cap_is_429_while_readyz_answers(capped):
     assert 503 in capped.readyz_codes or capped.readyz_codes == [200]
     first, second = slow_request(capped.url), slow_request(capped.url)
     time.sleep(0.5)
-    r = httpx.post(capped.url + CHAT, json={"messages": MSG, "max_tokens": 2})
+    r = httpx.post(capped.url + CHAT, json={"messages": MSG, "max_tokens": 2}, headers=AUTH)
     assert r.status_code == 429, r.text
     assert r.json()["error"]["type"] == "rate_limit_error"
     assert httpx.get(capped.url + "/readyz").status_code == 200
-    assert httpx.get(capped.url + "/v1/models").status_code == 200  # not a generation
+    assert httpx.get(capped.url + "/v1/models", headers=AUTH).status_code == 200  # not generation
     assert first()[0] == 200 and second()[0] == 200
-    r = httpx.post(capped.url + CHAT, json={"messages": MSG, "max_tokens": 2})
+    r = httpx.post(capped.url + CHAT, json={"messages": MSG, "max_tokens": 2}, headers=AUTH)
     assert r.status_code == 200  # slots freed
 
 
