@@ -24,11 +24,11 @@ $(VENV_PIP):
 
 # torch first and pinned (a CPU build on these machines; a range would pull a CUDA build),
 # then polm and its dependencies resolved against the constraints file.
-# --no-compile: Python compiles what is imported when it is first imported, not every module
-# of every package at install (torch alone: 13 s -> 4 s).
+# (pip byte-compiles at install on purpose: these machines set PYTHONDONTWRITEBYTECODE, so a
+# module pip leaves uncompiled is compiled again by every process that imports it.)
 $(STAMP): pyproject.toml constraints.txt $(VENV_PIP)
-	$(BIN)/pip install -q --no-compile torch==2.13.0
-	$(BIN)/pip install -q --no-compile -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 # llama.cpp (optimize.gguf, gguf checkpoints; the tests need it, the quickstart does not):
@@ -45,7 +45,7 @@ $(LLAMA_WHEEL): $(VENV_PIP)
 	touch $(LLAMA_WHEEL)
 
 $(LLAMA_STAMP): $(STAMP) $(LLAMA_WHEEL)
-	$(BIN)/pip install -q --no-compile -c constraints.txt $(VENV)/src/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	$(BIN)/pip install -q -c constraints.txt $(VENV)/src/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 	$(BIN)/python -m polm.llamacpp unpack $(LLAMA_CPP_SDIST)
 	touch $(LLAMA_STAMP)
 
