@@ -16,25 +16,7 @@ if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 
 
-# The slowest files (from make test's --durations), handed to the two xdist workers first
-# (--dist loadfile sends whole files in collection order): the short ones then fill in at the end
-# instead of one long file running alone while the other worker idles.
-SLOWEST_FIRST = (
-    "tests/e2e/test_runner.py",
-    "tests/align/test_rlhf.py",
-    "tests/reliability/test_kill.py",
-    "tests/align/test_sft.py",
-    "tests/align/test_resume.py",
-    "tests/align/test_grpo.py",
-    "tests/optimize/test_onebit.py",
-    "tests/optimize/test_distill.py",
-)
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
-    # a stable sort: every file keeps its own order, the others keep theirs
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
     try:
         import torch
 
