@@ -13,7 +13,7 @@ import pytest
 
 from polm.checkpoint import Checkpoint
 from serve.bento import check_package
-from tests.helpers import BENTOML, REPO, Server, polm_cli, shared
+from tests.helpers import BENTOML, REPO, Server, chat, polm_cli, shared
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -106,14 +106,7 @@ def test_a_bento_serves_its_checkpoint_from_a_fresh_directory(fmt, request, tmp_
         assert [n["stage"] for n in lineage[:2]] == [source.manifest.stage, "align.sft"]
         assert card.model_extra["polm"]["backend"] == {"gguf": "llamacpp", "onnx": "onnx"}[fmt]
         answers = [
-            server.client.chat.completions.create(
-                model=server.model,
-                messages=[{"role": "user", "content": p}],
-                temperature=0,
-                max_tokens=48,
-            )
-            .choices[0]
-            .message.content
+            chat(server, p, temperature=0, max_tokens=48).choices[0].message.content
             for p in PROMPTS
         ]
         assert answers == expected
