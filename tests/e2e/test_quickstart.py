@@ -1,8 +1,12 @@
-"""The quickstart's chain, shrunk (every stage's steps cut, a small eval): every stage runs and
-is evaluated, the report opens in headless Chromium with its plots and loads nothing from the
-network, and the edge package answers as `bentoml serve` of the final model does."""
+"""The quickstart's chain, shrunk (every stage's steps cut, a small eval), run as a newcomer runs
+it: what it prints without -v (one result line per stage and the summary table; the libraries'
+bars, warnings and logs go to each stage's log), every stage runs and is evaluated, the report
+opens in headless Chromium with its plots and loads nothing from the network, and the edge
+package answers as `bentoml serve` of the final model does."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -15,10 +19,27 @@ from tests.helpers import REPO, Server, free_port, polm_cli, stop_process_tree, 
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+NOISE = (
+    r"it/s",  # tqdm bars (transformers, datasets, weight loading)
+    r"examples/s",
+    r"Warning",  # FutureWarning, UserWarning ...
+    r"\bINFO\b",
+    r"\bWARN\b",
+    r"'loss'",  # the trainer's printed log dicts
+    r"Traceback",
+)
+
+
+def _polm(*args, cwd):
+    """The CLI as a user runs it: tqdm's bars not turned off from outside."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    return polm_cli(*args, cwd=cwd, timeout=900, env=env)
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """recipes/quickstart.yaml with its steps cut to a few, run by `polm run`."""
+    """recipes/quickstart.yaml with its steps cut to a few, run by `polm run` from a directory
+    outside the repository, without -v."""
     tmp = tmp_path_factory.mktemp("quickstart")
     raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     for spec in raw["stages"].values():
@@ -29,9 +50,30 @@ def run(tmp_path_factory):
     recipe = tmp / "quickstart.yaml"
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     work = tmp / "run"
-    proc = polm_cli("run", recipe, "--workdir", work, "--eval-n", "8")
+    proc = _polm("run", recipe, "--workdir", work, "--eval-n", "8", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work, raw, proc
+
+
+def _ids(raw) -> list[str]:
+    """What gets one line of output: the model, each stage and each package, in order."""
+    return ["base", *raw["stages"], *[f"package {p}" for p in raw["packages"]]]
+
+
+def test_the_output_is_one_line_per_stage_and_the_table(run):
+    work, raw, proc = run
+    shown = proc.stdout + proc.stderr
+    for pattern in NOISE:
+        assert not re.search(pattern, shown), f"{pattern!r} in the output:\n{shown}"
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    ids = _ids(raw)
+    assert len(lines) == len(ids), proc.stderr  # one line per model, stage and package
+    for line, sid in zip(lines, ids):
+        assert line.startswith(f"✓ {sid} ("), line
+        assert " -> " in line and ("add " in line or sid.startswith("package"))
+    assert f"polm run {raw['name']}" in proc.stdout and "add acc" in proc.stdout
+    # what was not shown is kept: the trainer's log in the stage's log file
+    assert "'loss'" in (work / "logs" / "add_expert.log").read_text()
 
 
 def test_every_stage_runs_is_evaluated_and_the_end_says_how_to_serve(run):
@@ -48,12 +90,17 @@ def test_every_stage_runs_is_evaluated_and_the_end_says_how_to_serve(run):
     assert (work / "packages" / "edge" / "SHA256SUMS").is_file()
     assert f"polm serve {work / 'student_onnx'}" in proc.stdout
     assert str(work / "report.html") in proc.stdout
-    # a second run skips every stage and the package
-    again = polm_cli("run", work.parent / "quickstart.yaml", "--workdir", work, "--eval-n", "8")
+    # a second run skips every stage and the package, and says so, one line each
+    again = _polm(
+        "run", work.parent / "quickstart.yaml", "--workdir", work, "--eval-n", "8", cwd=work.parent
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
     assert {r["status"] for r in report["stages"]} == {"cached"}
     assert report["packages"][0]["status"] == "cached"
+    skipped = [ln for ln in again.stderr.splitlines() if ln.strip()]
+    assert len(skipped) == len(_ids(raw)), again.stderr
+    assert all("unchanged, skipped" in ln for ln in skipped), again.stderr
 
 
 def test_the_report_shows_its_plots_in_chromium_and_loads_nothing(run, tmp_path):
@@ -134,3 +181,17 @@ def _greedy(client, model: str, prompts: list[str]) -> list[str]:
         .message.content
         for p in prompts
     ]
+
+
+def test_verbose_shows_the_libraries_output(tmp_path):
+    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    first = next(iter(raw["stages"]))  # the quickstart's first training stage, alone
+    raw["stages"] = {first: raw["stages"][first]}
+    raw["stages"][first]["with"].update(max_steps=2, logging_steps=1)
+    raw["gates"], raw["packages"] = {}, {}
+    recipe = tmp_path / "quickstart.yaml"
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = _polm("run", recipe, "--workdir", tmp_path / "run", "--eval-n", "4", "-v", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'loss'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "logs").exists()
