@@ -39,6 +39,7 @@ class OnnxLM:
                 )
         genai = json.loads((path / "genai_config.json").read_text())["model"]
         self.context_length = int(genai.get("context_length") or 2048)
+        self.vocab_size = int(genai.get("vocab_size") or 0)
         # sliding-window layers (Gemma 3) need a KV cache at least one window long
         window = (genai.get("decoder", {}).get("sliding_window") or {}).get("window_size", 0)
         self.min_cache = min(int(window or 0), self.context_length)

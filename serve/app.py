@@ -14,9 +14,11 @@ generation request beyond ``max_concurrency`` in flight is a 429. Health probes 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -27,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve.backends import GenParams
+from serve.backends import GenParams, TokenLogprob
 from serve.protocol import (
     APIError,
     AssistantMessage,
@@ -35,13 +37,17 @@ from serve.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
     ChunkChoice,
     Completion,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
     ModelCard,
     ModelList,
     TextChoice,
+    TopLogprob,
     Usage,
     new_id,
     validation_error,
@@ -201,7 +207,9 @@ def _check_model(state: ServerState, name: str | None) -> None:
         )
 
 
-def _params(state: ServerState, req, n_prompt: int) -> GenParams:
+def _params(
+    state: ServerState, req, n_prompt: int, choice: int = 0, prompt_logprobs=None
+) -> GenParams:
     ctx = state.backend.context_length
     budget = req.token_budget()
     if n_prompt >= ctx:
@@ -219,13 +227,32 @@ def _params(state: ServerState, req, n_prompt: int) -> GenParams:
             param="max_tokens",
             code="context_length_exceeded",
         )
+    bias = req.bias()
+    _check_token_ids(state, list(bias), "logit_bias")
     return GenParams(
         max_tokens=budget if budget is not None else min(ctx - n_prompt, state.default_max_tokens),
         temperature=req.temperature,
         top_p=req.top_p,
-        seed=req.seed,
+        # each of n choices samples on its own; with a seed, choice i takes seed + i
+        seed=None if req.seed is None else (req.seed + choice) % 2**63,
         stop=req.stop_list(),
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        logit_bias=bias,
+        logprobs=req.logprobs_k(),
+        prompt_logprobs=prompt_logprobs,
     )
+
+
+def _check_token_ids(state: ServerState, ids, param: str) -> None:
+    vocab = state.backend.vocab_size
+    bad = [t for t in ids if vocab and t >= vocab]
+    if bad:
+        raise APIError(
+            400,
+            f"{param}: token id {bad[0]} is outside this model's vocabulary of {vocab} tokens",
+            param=param,
+        )
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -249,18 +276,28 @@ async def chat_completions(request: Request) -> Response:
     _check_model(state, req.model)
     messages = [m.for_template() for m in req.messages]
     ids = state.backend.encode(state.backend.render_chat(messages))
-    params = _params(state, req, len(ids))
+    params = [_params(state, req, len(ids), i) for i in range(req.n)]
     rid = new_id("chatcmpl")
+    names = TokenNames(state.backend)
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_chat_chunks(state, rid, ids, params, usage))
-    text, reason, n = await _collect(state, ids, params)
+        return _sse(_chat_chunks(state, rid, ids, params, usage, names))
+    done = await asyncio.gather(*(_collect(state, ids, p) for p in params))
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=r.text),
+            finish_reason=r.reason,
+            logprobs=names.chat(r.logprobs) if req.logprobs else None,
+        )
+        for i, r in enumerate(done)
+    ]
     return JSONResponse(
         ChatCompletion(
             id=rid,
             model=state.model_id,
-            choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)],
-            usage=_usage(ids, n),
+            choices=choices,
+            usage=_usage([ids], sum(r.tokens for r in done)),
         ).model_dump()
     )
 
@@ -269,36 +306,127 @@ async def completions(request: Request) -> Response:
     state = _state(request)
     req = CompletionRequest.model_validate(await _json(request))
     _check_model(state, req.model)
-    ids = state.backend.encode(req.text())
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    params = _params(state, req, len(ids))
+    prompts = []  # (token ids, the text echo returns)
+    for k, prompt in enumerate(req.prompts()):
+        param = "prompt" if len(req.prompts()) == 1 else f"prompt.{k}"
+        if isinstance(prompt, str):
+            ids = state.backend.encode(prompt)
+            if not ids:
+                raise APIError(400, "the prompt is empty", param=param)
+        else:
+            _check_token_ids(state, prompt, param)
+            ids = prompt
+        prompts.append((ids, prompt if isinstance(prompt, str) else None))
+    # echo with logprobs: the prompt's tokens are scored too (lm-evaluation-harness's loglikelihood)
+    scored = req.logprobs if req.echo else None
+    jobs = [
+        (ids, echo, _params(state, req, len(ids), i, scored))
+        for ids, echo in prompts
+        for i in range(req.n)
+    ]
     rid = new_id("cmpl")
+    names = TokenNames(state.backend)
+    want = req.logprobs is not None
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_text_chunks(state, rid, ids, params, usage))
-    text, reason, n = await _collect(state, ids, params)
+        return _sse(_text_chunks(state, rid, jobs, [p[0] for p in prompts], usage, names, req))
+    done = await asyncio.gather(*(_collect(state, ids, p) for ids, _, p in jobs))
+    choices = []
+    for i, ((ids, echo, _), r) in enumerate(zip(jobs, done)):
+        head = (echo if echo is not None else state.backend.decode(ids)) if req.echo else ""
+        lps = names.completion(ids if req.echo else [], r.prompt_logprobs, r.logprobs)
+        choices.append(
+            TextChoice(
+                index=i,
+                text=head + r.text,
+                finish_reason=r.reason,
+                logprobs=lps if want else None,
+            )
+        )
     return JSONResponse(
         Completion(
             id=rid,
             model=state.model_id,
-            choices=[TextChoice(text=text, finish_reason=reason)],
-            usage=_usage(ids, n),
+            choices=choices,
+            usage=_usage([p[0] for p in prompts], sum(r.tokens for r in done)),
         ).model_dump()
     )
 
 
-def _usage(ids: list[int], n: int) -> Usage:
-    return Usage(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n)
+def _usage(prompts: list[list[int]], n: int) -> Usage:
+    p = sum(len(ids) for ids in prompts)
+    return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
 
 
-async def _collect(state: ServerState, ids: list[int], params: GenParams):
-    parts, reason, n = [], "length", 0
+@dataclass
+class Done:
+    """One choice, generated to its end."""
+
+    text: str
+    reason: str
+    tokens: int
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob | None] | None
+
+
+async def _collect(state: ServerState, ids: list[int], params: GenParams) -> Done:
+    parts, reason, n, lps, prompt_lps = [], "length", 0, [], None
+    scored = params.prompt_logprobs is not None  # then the first piece is the prompt's
     async for piece in state.backend.generate(ids, params):
+        if scored:
+            scored, prompt_lps = False, piece.logprobs
+            continue
         parts.append(piece.text)
+        lps.extend(piece.logprobs)
         if piece.finish_reason:
             reason, n = piece.finish_reason, piece.completion_tokens
-    return "".join(parts), reason, n
+    return Done("".join(parts), reason, n, lps, prompt_lps)
+
+
+class TokenNames:
+    """Log-probs as clients read them: token ids as text (each decoded once per request), in
+    the chat shape or the legacy completions shape."""
+
+    def __init__(self, backend):
+        self.decode, self.seen = backend.decode, {}
+
+    def text(self, token: int) -> str:
+        if token not in self.seen:
+            self.seen[token] = self.decode([token])
+        return self.seen[token]
+
+    def _top(self, lp: TokenLogprob) -> list[TopLogprob]:
+        return [
+            TopLogprob(token=(t := self.text(i)), logprob=v, bytes=list(t.encode()))
+            for i, v in lp.top
+        ]
+
+    def chat(self, lps: list[TokenLogprob]) -> ChatLogprobs:
+        content = []
+        for lp in lps:
+            t = self.text(lp.token)
+            content.append(
+                ChatTokenLogprob(
+                    token=t, logprob=lp.logprob, bytes=list(t.encode()), top_logprobs=self._top(lp)
+                )
+            )
+        return ChatLogprobs(content=content)
+
+    def completion(self, prompt_ids, prompt_lps, lps, offset: int = 0) -> CompletionLogprobs:
+        """The echoed prompt's tokens (``prompt_ids``; their log-probs when scored) then the
+        generated ones; ``text_offset`` counts from ``offset``."""
+        out = CompletionLogprobs()
+        entries = list(zip(prompt_ids, prompt_lps or [None] * len(prompt_ids)))
+        entries += [(lp.token, lp) for lp in lps]
+        for token, lp in entries:
+            t = self.text(token)
+            out.tokens.append(t)
+            out.token_logprobs.append(None if lp is None else lp.logprob)
+            top = None if lp is None else {self.text(i): v for i, v in lp.top}
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(t)
+        return out
 
 
 def _sse(events) -> StreamingResponse:
@@ -315,44 +443,107 @@ def _sse(events) -> StreamingResponse:
     )
 
 
-async def _chat_chunks(state, rid, ids, params, usage: bool):
-    def chunk(delta: Delta, reason=None, use=None):
+async def _merge(streams):
+    """The events of several async iterators as they come (n choices streamed together); the
+    ones still running are cancelled when the consumer stops (a client that went away)."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(stream):
+        try:
+            async for event in stream:
+                await queue.put(event)
+        except Exception as e:  # noqa: BLE001 - raised again in the consumer
+            await queue.put(e)
+        await queue.put(end)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            event = await queue.get()
+            if event is end:
+                left -= 1
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                yield event
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _chat_chunks(state, rid, ids, params: list[GenParams], usage: bool, names):
+    made = [0] * len(params)
+
+    def chunk(i, delta: Delta | None, reason=None, use=None, lps=None):
         return ChatCompletionChunk(
             id=rid,
             model=state.model_id,
             usage=use,
-            choices=[ChunkChoice(delta=delta, finish_reason=reason)] if delta else [],
+            choices=[ChunkChoice(index=i, delta=delta, finish_reason=reason, logprobs=lps)]
+            if delta
+            else [],
         ).model_dump(exclude_none=True)
 
-    yield chunk(Delta(role="assistant", content=""))
-    n = 0
-    async for piece in state.backend.generate(ids, params):
-        if piece.text:
-            yield chunk(Delta(content=piece.text))
-        if piece.finish_reason:
-            n = piece.completion_tokens
-            yield chunk(Delta(), piece.finish_reason)
+    async def one(i: int, p: GenParams):
+        yield chunk(i, Delta(role="assistant", content=""))
+        async for piece in state.backend.generate(ids, p):
+            lps = names.chat(piece.logprobs) if p.logprobs is not None and piece.logprobs else None
+            if piece.text or lps:
+                yield chunk(i, Delta(content=piece.text), lps=lps)
+            if piece.finish_reason:
+                made[i] = piece.completion_tokens
+                yield chunk(i, Delta(), piece.finish_reason)
+
+    async for event in _merge([one(i, p) for i, p in enumerate(params)]):
+        yield event
     if usage:
-        yield chunk(None, use=_usage(ids, n))
+        yield chunk(0, None, use=_usage([ids], sum(made)))
 
 
-async def _text_chunks(state, rid, ids, params, usage: bool):
-    n = 0
-    async for piece in state.backend.generate(ids, params):
-        if piece.text or piece.finish_reason:
-            yield Completion(
-                id=rid,
-                model=state.model_id,
-                choices=[TextChoice(text=piece.text, finish_reason=piece.finish_reason)],
-            ).model_dump(exclude_none=True)
-        if piece.finish_reason:
-            n = piece.completion_tokens
-    if usage:
-        yield Completion(
+async def _text_chunks(state, rid, jobs, prompts, usage: bool, names, req):
+    made = [0] * len(jobs)
+    want = req.logprobs is not None
+
+    def chunk(i, text, reason=None, lps=None):
+        return Completion(
             id=rid,
             model=state.model_id,
-            choices=[],
-            usage=_usage(ids, n),
+            choices=[TextChoice(index=i, text=text, finish_reason=reason, logprobs=lps)],
+        ).model_dump(exclude_none=True)
+
+    async def one(i: int, ids, echo, p: GenParams):
+        offset = 0
+        if req.echo and p.prompt_logprobs is None:  # the prompt first, unscored
+            head = echo if echo is not None else state.backend.decode(ids)
+            lps = names.completion(ids, None, []) if want else None
+            yield chunk(i, head, lps=lps)
+            offset = len(head)
+        scored = p.prompt_logprobs is not None  # then the first piece is the prompt's
+        async for piece in state.backend.generate(ids, p):
+            if scored:
+                scored = False
+                head = echo if echo is not None else state.backend.decode(ids)
+                yield chunk(i, head, lps=names.completion(ids, piece.logprobs, []))
+                offset = len(head)
+                continue
+            lps = names.completion([], None, piece.logprobs, offset) if want else None
+            if piece.text or piece.finish_reason or (lps and lps.tokens):
+                yield chunk(i, piece.text, piece.finish_reason, lps)
+            offset += len(piece.text)
+            if piece.finish_reason:
+                made[i] = piece.completion_tokens
+
+    async for event in _merge([one(i, *job) for i, job in enumerate(jobs)]):
+        yield event
+    if usage:
+        yield Completion(
+            id=rid, model=state.model_id, choices=[], usage=_usage(prompts, sum(made))
         ).model_dump(exclude_none=True)
 
 

@@ -1,9 +1,8 @@
 """The OpenAI wire format: request and response models, with every bound declared in the types.
 
 Only what polm serves is accepted: an unknown field is a 400 naming it (OpenAI answers the same
-way), so a typo such as ``max_token`` never silently falls back to a default. Fields that
-OpenAI clients send with their neutral value (``presence_penalty: 0``, ``logprobs: false``,
-``user``) are accepted and ignored. Limits that depend on the model (its context length) are
+way), so a typo such as ``max_token`` never silently falls back to a default. ``user`` is
+accepted and ignored. Limits that depend on the model (its context length, its vocabulary) are
 checked by the routes, which know it.
 """
 
@@ -20,6 +19,10 @@ MAX_STOP_CHARS = 64
 MAX_MESSAGES = 256
 MAX_TEXT_CHARS = 200_000  # per message or prompt; the body-size cap bounds the whole request
 MAX_TOKENS_CAP = 4096
+MAX_N = 8  # choices per request (each decodes as its own sequence)
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_TOP_LOGPROBS = 20  # vLLM's limit (OpenAI's is 20 on chat, 5 on completions)
+MAX_LOGIT_BIAS = 1024
 
 
 class Strict(BaseModel):
@@ -49,19 +52,30 @@ class Sampling(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Stop = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices, each sampled on its own")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # sent by OpenAI clients; accepted with their neutral values only
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    logprobs: Literal[False] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: (
+        Annotated[
+            dict[
+                Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                Annotated[float, Field(ge=-100, le=100)],
+            ],
+            Field(max_length=MAX_LOGIT_BIAS),
+        ]
+        | None
+    ) = Field(None, description="token id (a decimal string) -> bias added to its logit")
     user: str | None = Field(None, max_length=256)
 
     def stop_list(self) -> list[str]:
         if self.stop is None or self.stop == "":
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def bias(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
 
 class TextPart(BaseModel):
@@ -115,6 +129,8 @@ class ChatMessage(Strict):
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("messages")
     @classmethod
@@ -123,27 +139,58 @@ class ChatCompletionRequest(Sampling):
             raise ValueError("the last message must be from the user or the system")
         return v
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs set to true")
+        return v
+
+    def logprobs_k(self) -> int | None:
+        """How many alternatives each token's log-probs list, or None for no log-probs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
-        description="one prompt (a list of one string is accepted)"
-    )
-    echo: Literal[False] = False
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(description="a prompt, a list of prompts, or token ids (one list per prompt)")
+    # 0 with echo: the prompt's log-probs alone (how lm-evaluation-harness scores answers)
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_CAP)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
     suffix: None = None
 
     @field_validator("prompt")
     @classmethod
-    def _bounded(cls, v: str | list[str]) -> str | list[str]:
-        text = v if isinstance(v, str) else v[0]
-        if len(text) > MAX_TEXT_CHARS:
-            raise ValueError(f"the prompt is longer than {MAX_TEXT_CHARS} characters")
+    def _bounded(cls, v):
+        for one in [v] if isinstance(v, str) else v:
+            if isinstance(one, str) and len(one) > MAX_TEXT_CHARS:
+                raise ValueError(f"a prompt is longer than {MAX_TEXT_CHARS} characters")
+            if isinstance(one, list) and len(one) > MAX_TEXT_CHARS:
+                raise ValueError(f"a prompt is longer than {MAX_TEXT_CHARS} tokens")
         return v
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     def token_budget(self) -> int | None:
         return self.max_tokens
@@ -185,11 +232,34 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape (what lm-evaluation-harness reads)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -211,7 +281,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -227,7 +297,7 @@ class TextChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -282,8 +352,6 @@ def validation_error(e) -> APIError:
     param = ".".join(str(p) for p in err["loc"] if _is_field(p)) or None
     if err["type"] == "extra_forbidden":
         msg = f"unrecognized request argument supplied: {param}"
-    elif param == "n":
-        msg = "n: only one choice per request is supported (n=1)"
     else:
         text = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
         msg = f"{param}: {text}" if param else text

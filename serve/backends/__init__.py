@@ -17,8 +17,10 @@ from serve.backends.base import (
     GenParams,
     Job,
     Piece,
+    Sampler,
     TextStream,
     TokenBackend,
+    TokenLogprob,
     deliver,
 )
 from serve.backends.choose import BACKENDS, VLLM_FORMATS, choose_backend, open_backend
@@ -30,8 +32,10 @@ __all__ = [
     "GenParams",
     "Job",
     "Piece",
+    "Sampler",
     "TextStream",
     "TokenBackend",
+    "TokenLogprob",
     "choose_backend",
     "deliver",
     "open_backend",

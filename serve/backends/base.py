@@ -1,11 +1,14 @@
-"""What every engine shares: generation parameters, the streamed :class:`Piece`, and
+"""What every engine shares: generation parameters, the streamed :class:`Piece`,
+:class:`Sampler` (one request's choice of the next token from the model's logits) and
 :class:`TokenBackend`, which turns a worker thread's token ids into text once for the
-transformers and onnxruntime-genai engines (detokenizing, stop strings, finish reason)."""
+transformers, onnxruntime-genai and llama.cpp engines (detokenizing, stop strings, log-probs,
+finish reason)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -17,20 +20,124 @@ class GenParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token (echo)
+
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to adjust or report: an argmax over the raw logits is enough."""
+        return (
+            self.temperature == 0
+            and not self.logit_bias
+            and not self.presence_penalty
+            and not self.frequency_penalty
+            and self.logprobs is None
+        )
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (its raw distribution, before penalties,
+    biases and temperature, as vLLM reports by default) and the ``top`` most likely tokens."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
 class Piece:
-    """New text, and on the last piece the finish reason and the completion's token count."""
+    """New text, the log-probs of the tokens it came from (when asked for), and on the last
+    piece the finish reason and the completion's token count."""
 
     text: str
     finish_reason: str | None = None  # "stop" | "length"
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Sampler:
+    """One request's next token from the model's logits (a numpy vector): the logit bias, the
+    presence and frequency penalties over the tokens generated so far (OpenAI's definitions),
+    then greedy at temperature 0, else nucleus sampling with the request's own seeded generator;
+    and, when asked for, the chosen token's log-prob and the most likely alternatives.
+    Every token backend samples through it, so that all of them sample alike."""
+
+    def __init__(self, params: GenParams):
+        import numpy as np
+
+        self.np, self.p = np, params
+        self.rng = np.random.default_rng(params.seed)
+        self.counts: Counter[int] = Counter()
+
+    def pick(self, logits) -> tuple[int, TokenLogprob | None]:
+        np, p = self.np, self.p
+        raw = np.asarray(logits, dtype=np.float32)
+        z = raw.astype(np.float64)  # a copy: the engine's buffer stays as it was
+        if p.logit_bias:
+            ids = list(p.logit_bias)
+            z[ids] += np.fromiter(p.logit_bias.values(), np.float64, len(ids))
+        if self.counts and (p.presence_penalty or p.frequency_penalty):
+            ids = list(self.counts)
+            seen = np.fromiter(self.counts.values(), np.float64, len(ids))
+            z[ids] -= p.frequency_penalty * seen + p.presence_penalty
+        if p.temperature == 0:
+            tok = int(np.argmax(z))
+        else:
+            z = z / p.temperature
+            probs = np.exp(z - z.max())
+            probs /= probs.sum()
+            if p.top_p < 1.0:
+                order = np.argsort(-probs)
+                ranked = probs[order]
+                ranked[np.cumsum(ranked) - ranked >= p.top_p] = 0  # keep the smallest nucleus
+                probs = np.zeros_like(probs)
+                probs[order] = ranked
+                probs /= probs.sum()
+            cdf = np.cumsum(probs)
+            tok = int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1]), len(probs) - 1))
+        self.counts[tok] += 1
+        lp = None if p.logprobs is None else token_logprob(raw, tok, p.logprobs)
+        return tok, lp
+
+
+def log_softmax(logits):
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def token_logprob(logits, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-prob under ``logits`` and the ``top`` most likely tokens, best first."""
+    import numpy as np
+
+    lp = log_softmax(logits)
+    best: list[tuple[int, float]] = []
+    if top:
+        idx = np.argpartition(-lp, top - 1)[:top]
+        idx = idx[np.argsort(-lp[idx], kind="stable")]
+        best = [(int(i), float(lp[i])) for i in idx]
+    return TokenLogprob(token, float(lp[token]), best)
+
+
+def prompt_logprobs(logits, ids: list[int], top: int) -> list[TokenLogprob | None]:
+    """Each prompt token's log-prob given the tokens before it, from the logits after each
+    prefix (``logits[i]`` follows ``ids[: i + 1]``); the first token has none (OpenAI's
+    ``null``)."""
+    out: list[TokenLogprob | None] = [None]
+    for i in range(1, len(ids)):
+        out.append(token_logprob(logits[i - 1], ids[i], top))
+    return out
 
 
 class Backend:
     name: str = ""
     context_length: int = 0
+    vocab_size: int = 0  # the logits' length: token ids in requests are checked against it
 
     def render_chat(self, messages: list[dict]) -> str:
         raise NotImplementedError
@@ -53,8 +160,13 @@ class Job:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
 
-    def emit(self, token: int) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, token)
+    def emit(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        item = token if logprob is None else logprob
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def emit_prompt(self, logprobs: list[TokenLogprob | None]) -> None:
+        """The prompt tokens' log-probs (``prompt_logprobs``), before any generated token."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ("prompt", logprobs))
 
     def finish(self, reason: str) -> None:
         """``reason``: "stop" (end of sequence), "length" or "error"."""
@@ -137,24 +249,33 @@ class TokenBackend(Backend):
             job.finish("error")
 
     async def generate(self, prompt_ids: list[int], params: GenParams) -> AsyncIterator[Piece]:
+        """Pieces of text as the worker's tokens arrive. With ``prompt_logprobs`` the first
+        piece is empty text carrying the prompt's log-probs (``None`` for its first token)."""
         job = Job(prompt_ids, params, asyncio.get_running_loop())
         self.submit(job)
         stream = TextStream(self.decode, params.stop)
-        n = 0
+        n, pending = 0, []  # log-probs of tokens whose text has not been handed out yet
         try:
             while True:
                 item = await job.queue.get()
+                if isinstance(item, tuple):  # ("prompt", log-probs)
+                    yield Piece("", logprobs=item[1])
+                    continue
                 if isinstance(item, str):
                     if item == "error":
                         raise RuntimeError("the backend failed while generating")
-                    yield Piece(stream.flush(), item, n)
+                    yield Piece(stream.flush(), item, n, pending)
                     return
+                if isinstance(item, TokenLogprob):
+                    pending.append(item)
+                    item = item.token
                 n += 1
                 text = stream.push(item)
                 if stream.stopped:
-                    yield Piece(text, "stop", n)
+                    yield Piece(text, "stop", n, pending)
                     return
                 if text:
-                    yield Piece(text)
+                    yield Piece(text, logprobs=pending)
+                    pending = []
         finally:
             job.cancelled.set()  # a finished, stopped or disconnected request frees its slot

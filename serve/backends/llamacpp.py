@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from serve.backends.base import Job, TokenBackend
-from serve.backends.onnx import _pick
+from serve.backends.base import Job, Sampler, TokenBackend, prompt_logprobs
 
 
 class LlamaCppBackend(TokenBackend):
@@ -31,7 +30,7 @@ class LlamaCppBackend(TokenBackend):
         self.lm = GgufLM(path, threads=threads or os.cpu_count(), n_ctx=n_ctx)
         self.llm = self.lm.llm
         self.context_length = self.llm.n_ctx()
-        self.n_vocab = self.llm.n_vocab()
+        self.n_vocab = self.vocab_size = self.llm.n_vocab()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="polm-llamacpp")
 
     def render_chat(self, messages: list[dict]) -> str:
@@ -56,28 +55,34 @@ class LlamaCppBackend(TokenBackend):
         return self.np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))  # noqa: SLF001
 
     def _decode(self, job: Job) -> None:
-        np, p, llm = self.np, job.params, self.llm
+        p, llm = job.params, self.llm
         if job.cancelled.is_set():
             return
         prompt = job.prompt_ids
-        # keep the KV cache of the prefix this prompt shares with the context (at least the
-        # last prompt token is evaluated again, for its logits)
-        held = llm.input_ids[: llm.n_tokens].tolist()
-        keep = 0
-        while keep < min(len(held), len(prompt) - 1) and held[keep] == prompt[keep]:
-            keep += 1
-        llm.n_tokens = keep
-        logits = self._feed(prompt[keep:])
-        rng = np.random.default_rng(p.seed)
-        made = 0
+        if p.prompt_logprobs is not None:
+            # the logits after every prompt prefix: the prompt goes in one token at a time
+            llm.n_tokens = 0
+            rows = [self._feed([tok]).copy() for tok in prompt]
+            job.emit_prompt(prompt_logprobs(rows, prompt, p.prompt_logprobs))
+            logits = rows[-1]
+        else:
+            # keep the KV cache of the prefix this prompt shares with the context (at least
+            # the last prompt token is evaluated again, for its logits)
+            held = llm.input_ids[: llm.n_tokens].tolist()
+            keep = 0
+            while keep < min(len(held), len(prompt) - 1) and held[keep] == prompt[keep]:
+                keep += 1
+            llm.n_tokens = keep
+            logits = self._feed(prompt[keep:])
+        sampler, made = Sampler(p), 0
         while not job.cancelled.is_set():
-            tok = _pick(logits, p, rng)
-            if self.lm.is_end(tok):
-                job.finish("stop")
-                return
-            job.emit(tok)
-            made += 1
             if made >= p.max_tokens or len(prompt) + made >= self.context_length:
                 job.finish("length")
                 return
+            tok, lp = sampler.pick(logits)
+            if self.lm.is_end(tok):
+                job.finish("stop")
+                return
+            job.emit(tok, lp)
+            made += 1
             logits = self._feed([tok])

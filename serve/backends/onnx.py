@@ -17,7 +17,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from serve.backends.base import Job, TokenBackend
+from serve.backends.base import Job, Sampler, TokenBackend, prompt_logprobs
 
 
 class OnnxBackend(TokenBackend):
@@ -36,6 +36,7 @@ class OnnxBackend(TokenBackend):
         self.lm = OnnxLM(path, threads=threads or max(1, cores // workers))
         self.model, self.tokenizer = self.lm.model, self.lm.tokenizer
         self.context_length = self.lm.context_length
+        self.vocab_size = self.lm.vocab_size
         self.eos = self.lm.eos
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="polm-onnx")
 
@@ -61,40 +62,29 @@ class OnnxBackend(TokenBackend):
         params = og.GeneratorParams(self.model)
         # polm samples from the logits itself: onnxruntime-genai's sampler sorts the whole
         # vocabulary at every step (50 ms a token for Gemma's 262k, 3x the forward pass), and
-        # this way both backends sample alike (temperature, top_p, a seeded generator per request)
-        max_length = self.lm.max_length(len(job.prompt_ids), p.max_tokens)
+        # this way every backend samples alike (serve.backends.base.Sampler)
+        max_length = self.lm.max_length(len(job.prompt_ids), max(p.max_tokens, 1))
         params.set_search_options(max_length=max_length, do_sample=False)
         gen = og.Generator(self.model, params)
-        gen.append_tokens(np.array(job.prompt_ids, dtype=np.int32))
-        rng = np.random.default_rng(p.seed)
-        made = 0
+        if p.prompt_logprobs is not None:
+            # the logits after every prompt prefix: the prompt goes in one token at a time
+            # (the generator hands out the last position's logits only)
+            rows = []
+            for tok in job.prompt_ids:
+                gen.append_tokens(np.array([tok], dtype=np.int32))
+                rows.append(np.array(gen.get_logits())[0, -1])
+            job.emit_prompt(prompt_logprobs(rows, job.prompt_ids, p.prompt_logprobs))
+        else:
+            gen.append_tokens(np.array(job.prompt_ids, dtype=np.int32))
+        sampler, made = Sampler(p), 0
         while not job.cancelled.is_set():
-            tok = _pick(np.asarray(gen.get_logits())[0, -1], p, rng)
-            if tok in self.eos:
-                job.finish("stop")
-                return
-            job.emit(tok)
-            made += 1
             if made >= p.max_tokens or len(job.prompt_ids) + made >= max_length:
                 job.finish("length")
                 return
+            tok, lp = sampler.pick(np.asarray(gen.get_logits())[0, -1])
+            if tok in self.eos:
+                job.finish("stop")
+                return
+            job.emit(tok, lp)
+            made += 1
             gen.append_tokens(np.array([tok], dtype=np.int32))
-
-
-def _pick(logits, p, rng) -> int:
-    """Greedy at temperature 0, else nucleus sampling (as the transformers backend does)."""
-    import numpy as np
-
-    if p.temperature == 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / p.temperature
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    if p.top_p < 1.0:
-        order = np.argsort(-probs)
-        ranked = probs[order]
-        ranked[np.cumsum(ranked) - ranked >= p.top_p] = 0  # keep the smallest nucleus
-        probs = np.zeros_like(probs)
-        probs[order] = ranked
-        probs /= probs.sum()
-    return int(min(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum()), len(probs) - 1))

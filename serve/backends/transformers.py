@@ -17,7 +17,7 @@ import time
 
 from polm.loading import load_model
 from polm.stage import left_padded_positions
-from serve.backends.base import GenParams, Job, TokenBackend, deliver
+from serve.backends.base import Job, Sampler, TokenBackend, deliver, prompt_logprobs
 
 
 class TransformersBackend(TokenBackend):
@@ -38,6 +38,7 @@ class TransformersBackend(TokenBackend):
         cfg = self.model.config
         cfg = getattr(cfg, "get_text_config", lambda: cfg)()
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        self.vocab_size = int(getattr(cfg, "vocab_size", 0) or len(self.tokenizer))
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tokenizer.pad_token_id
@@ -114,7 +115,7 @@ class TransformersBackend(TokenBackend):
             mask[i, width - n :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = left_padded_positions(mask)
-        gens = [_generator(j.params) for j in batch]
+        samplers = [Sampler(j.params) for j in batch]
         made = [0] * len(batch)
         from transformers import DynamicCache
 
@@ -126,20 +127,34 @@ class TransformersBackend(TokenBackend):
             past_key_values=cache,
             use_cache=True,
         )
-        live = list(range(len(batch)))  # batch indices still decoding, in cache row order
+        last, events = out.logits[:, -1, :], []
+        for i, j in enumerate(batch):
+            if j.params.prompt_logprobs is not None:
+                n = len(j.prompt_ids)
+                rows = out.logits[i, width - n :].float().cpu().numpy()
+                j.emit_prompt(prompt_logprobs(rows, j.prompt_ids, j.params.prompt_logprobs))
+            if j.params.max_tokens == 0:
+                events.append((j, "length"))
+        deliver(events)
+        live = [b for b, j in enumerate(batch) if j.params.max_tokens > 0]  # in cache row order
+        if len(live) < len(batch):
+            if not live:
+                return
+            idx = torch.tensor(live, device=dev)
+            cache.batch_select_indices(idx)
+            mask, pos = mask[idx], pos[idx]
+            last = last[idx]
         while live:
             rows = [batch[b] for b in live]
-            picked = _sample_rows(
-                out.logits[:, -1, :], [j.params for j in rows], [gens[b] for b in live]
-            )
+            picked = _pick_rows(last, [samplers[b] for b in live])
             tokens, keep, events = [], [], []
-            for row, (b, job, tok) in enumerate(zip(live, rows, picked)):
+            for row, (b, job, (tok, lp)) in enumerate(zip(live, rows, picked)):
                 if job.cancelled.is_set():
                     continue
                 if tok in self.eos:
                     events.append((job, "stop"))
                     continue
-                events.append((job, tok))
+                events.append((job, tok if lp is None else lp))
                 made[b] += 1
                 if made[b] >= job.params.max_tokens:
                     events.append((job, "length"))
@@ -164,35 +179,18 @@ class TransformersBackend(TokenBackend):
                 past_key_values=cache,
                 use_cache=True,
             )
+            last = out.logits[:, -1, :]
 
 
-def _generator(params: GenParams):
-    import torch
-
-    if params.temperature == 0:
-        return None
-    g = torch.Generator()
-    g.manual_seed(params.seed if params.seed is not None else torch.seed())
-    return g
-
-
-def _sample_rows(logits, params: list[GenParams], gens: list) -> list[int]:
-    """One token per row: greedy rows by argmax, the others by nucleus sampling with each
-    row's own temperature, top_p and seeded generator. One transfer to the CPU per step."""
-    import torch
-
-    greedy = logits.argmax(-1)
-    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-    if not sampled:
-        return greedy.tolist()
-    temps = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
-    probs = torch.softmax(logits[sampled].float() / temps[:, None], dim=-1).cpu()
-    out = greedy.tolist()
-    for k, i in enumerate(sampled):
-        p = probs[k]
-        if params[i].top_p < 1.0:
-            sorted_p, order = p.sort(descending=True)
-            sorted_p[sorted_p.cumsum(-1) - sorted_p >= params[i].top_p] = 0  # smallest nucleus
-            p = torch.zeros_like(p).scatter_(0, order, sorted_p)
-        out[i] = int(torch.multinomial(p, 1, generator=gens[i]))
+def _pick_rows(logits, samplers: list[Sampler]) -> list[tuple[int, object]]:
+    """One token per row (and its log-probs, when asked for): rows that are plainly greedy by
+    one argmax on the device, the others through their own :class:`Sampler` on the CPU.
+    One transfer to the CPU per step."""
+    greedy = logits.argmax(-1).tolist()
+    out: list[tuple[int, object]] = [(t, None) for t in greedy]
+    rest = [i for i, s in enumerate(samplers) if not s.p.plain_greedy()]
+    if rest:
+        rows = logits[rest].float().cpu().numpy()
+        for k, i in enumerate(rest):
+            out[i] = samplers[i].pick(rows[k])
     return out

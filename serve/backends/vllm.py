@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 
-from serve.backends.base import Backend, GenParams, Piece
+from serve.backends.base import Backend, GenParams, Piece, TokenLogprob
 
 
 class VllmBackend(Backend):
@@ -42,6 +42,7 @@ class VllmBackend(Backend):
 
         self.engine = asyncio.run_coroutine_threadsafe(start(), self.loop).result()
         self.context_length = int(self.engine.model_config.max_model_len)
+        self.vocab_size = int(self.engine.model_config.get_vocab_size())
 
     def render_chat(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(
@@ -55,11 +56,16 @@ class VllmBackend(Backend):
         from vllm import SamplingParams
 
         sampling = SamplingParams(
-            max_tokens=params.max_tokens,
+            max_tokens=max(params.max_tokens, 1),  # vLLM generates at least one token
             temperature=params.temperature,
             top_p=params.top_p,
             seed=params.seed,
             stop=params.stop or None,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logit_bias=params.logit_bias or None,
+            logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
         )
         rid = uuid.uuid4().hex
         loop = asyncio.get_running_loop()
@@ -70,24 +76,40 @@ class VllmBackend(Backend):
                 async for out in self.engine.generate(
                     {"prompt_token_ids": prompt_ids}, sampling, rid
                 ):
-                    loop.call_soon_threadsafe(queue.put_nowait, out.outputs[0])
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's loop
                 loop.call_soon_threadsafe(queue.put_nowait, e)
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         task = asyncio.run_coroutine_threadsafe(run(), self.loop)
-        sent = 0
+        sent, n_lp, first = 0, 0, True
         try:
-            while (out := await queue.get()) is not None:
-                if isinstance(out, BaseException):
-                    raise RuntimeError("vLLM failed while generating") from out
+            while (req := await queue.get()) is not None:
+                if isinstance(req, BaseException):
+                    raise RuntimeError("vLLM failed while generating") from req
+                if first and params.prompt_logprobs is not None:
+                    yield Piece(
+                        "",
+                        logprobs=_logprobs(
+                            prompt_ids, req.prompt_logprobs, 0, params.prompt_logprobs
+                        ),
+                    )
+                first = False
+                if params.max_tokens == 0:  # what was asked for is the prompt's log-probs
+                    yield Piece("", "length", 0)
+                    return
+                out = req.outputs[0]
                 text = out.text[sent:]
                 sent = len(out.text)
+                lps = []
+                if params.logprobs is not None and out.logprobs:
+                    lps = _logprobs(out.token_ids, out.logprobs, n_lp, params.logprobs)
+                    n_lp = len(out.token_ids)
                 if out.finish_reason is not None:
                     reason = "length" if out.finish_reason == "length" else "stop"
-                    yield Piece(text, reason, len(out.token_ids))
-                elif text:
-                    yield Piece(text)
+                    yield Piece(text, reason, len(out.token_ids), lps)
+                elif text or lps:
+                    yield Piece(text, logprobs=lps)
         finally:
             if not task.done():
                 asyncio.run_coroutine_threadsafe(self.engine.abort(rid), self.loop)
@@ -97,3 +119,19 @@ class VllmBackend(Backend):
         if shutdown is not None:
             self.loop.call_soon_threadsafe(shutdown)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _logprobs(token_ids, per_token, start: int, k: int) -> list[TokenLogprob | None]:
+    """vLLM's log-probs (per position, a dict of token id -> ``Logprob`` holding the chosen
+    token and the ``k`` most likely, ranked) from ``start`` on, as polm's ``TokenLogprob``."""
+    out: list[TokenLogprob | None] = []
+    for tok, d in zip(token_ids[start:], per_token[start:]):
+        if d is None:
+            out.append(None)
+            continue
+        top = sorted(
+            (v.rank, t, v.logprob) for t, v in d.items() if v.rank is not None and v.rank <= k
+        )
+        chosen = d[tok].logprob if tok in d else float("-inf")
+        out.append(TokenLogprob(tok, chosen, [(t, lp) for _, t, lp in top]))
+    return out

@@ -1,0 +1,222 @@
+"""What OpenAI clients ask of the sampler, on every token backend (transformers, onnxruntime-genai,
+llama.cpp), in-process through the official `openai` client: log-probs (chat and completions,
+streamed and not), the prompt's log-probs with echo and ``max_tokens: 0`` (how
+lm-evaluation-harness scores answers), ``n`` choices with seeds, ``logit_bias``, and the
+presence and frequency penalties."""
+
+import asyncio
+
+import pytest
+
+from polm.tasks import get_task
+from serve.state import ServerState, load_state
+from tests.helpers import app_client, shared
+
+pytestmark = pytest.mark.slow
+ADD = [ex for ex in get_task("add").examples("test", 4)]
+
+
+@pytest.fixture(scope="module", params=["transformers", "onnx", "llamacpp"])
+def served(request, add_sft, onnx_int4, tmp_path_factory):
+    """One served model per token backend: the add SFT, its int4 ONNX export, its q8_0 GGUF."""
+    if request.param == "transformers":
+        ckpt = add_sft
+    elif request.param == "onnx":
+        ckpt = onnx_int4
+    else:
+        from optimize.gguf import GgufSettings
+        from optimize.gguf import run as gguf
+
+        s = GgufSettings(outtype="q8_0", parity_n=0)
+        ckpt = shared(tmp_path_factory, "serve_gguf", lambda o: gguf([add_sft], s, o))
+    state = load_state(ServerState(), str(ckpt.path))
+    assert state.ready, state.failed
+    assert state.card["backend"] == request.param
+    yield state
+    state.backend.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def _chat(state, prompt, **kw):
+    c = app_client(state)
+    return c.chat.completions.create(
+        model=state.model_id, messages=[{"role": "user", "content": prompt}], **kw
+    )
+
+
+def test_chat_logprobs_are_the_greedy_tokens_and_stream_alike(served):
+    prompt = ADD[0].prompt
+    r = run(_chat(served, prompt, temperature=0, max_tokens=24, logprobs=True, top_logprobs=3))
+    content = r.choices[0].logprobs.content
+    assert content and "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        tops = [x.logprob for x in t.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        # greedy picks the most likely token: its log-prob is the first alternative's
+        assert t.logprob == pytest.approx(tops[0], abs=1e-5)
+        assert bytes(t.bytes).decode() == t.token
+
+    async def streamed():
+        stream = await _chat(
+            served,
+            prompt,
+            temperature=0,
+            max_tokens=24,
+            logprobs=True,
+            top_logprobs=3,
+            stream=True,
+        )
+        out = []
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].logprobs:
+                out += chunk.choices[0].logprobs.content
+        return out
+
+    again = run(streamed())
+    assert [(t.token, round(t.logprob, 4)) for t in again] == [
+        (t.token, round(t.logprob, 4)) for t in content
+    ]
+    # without logprobs the answer has none
+    plain = run(_chat(served, prompt, temperature=0, max_tokens=24))
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_echo_scores_the_prompt_as_the_generation_scored_it(served):
+    """lm-evaluation-harness's request (token ids, echo, logprobs 1, max_tokens 0 here, or 1 as
+    it sends): the prompt's log-probs; for the model's own greedy answer appended to a prompt,
+    they equal the log-probs its generation reported, and a right sum outscores a wrong one."""
+    c = app_client(served)
+    tok = served.backend
+    ex = ADD[1]
+    prompt = tok.render_chat([{"role": "user", "content": ex.prompt}])
+    gen = run(
+        c.completions.create(
+            model=served.model_id, prompt=prompt, temperature=0, max_tokens=16, logprobs=2
+        )
+    )
+    lp = gen.choices[0].logprobs
+    ids = tok.encode(prompt)
+    answer_ids = tok.encode(prompt + gen.choices[0].text)[len(ids) :]
+    assert len(answer_ids) >= 3
+    for max_tokens in (0, 1):
+        scored = run(
+            c.completions.create(
+                model=served.model_id,
+                prompt=ids + answer_ids,
+                echo=True,
+                logprobs=1,
+                max_tokens=max_tokens,
+                temperature=0,
+            )
+        )
+        s = scored.choices[0].logprobs
+        n = len(ids) + len(answer_ids)
+        assert len(s.token_logprobs) == n + max_tokens and s.token_logprobs[0] is None
+        assert scored.usage.prompt_tokens == n and scored.usage.completion_tokens == max_tokens
+        assert scored.choices[0].text.startswith(tok.decode(ids + answer_ids))
+        k = min(len(answer_ids), len(lp.token_logprobs)) - 1
+        assert s.token_logprobs[len(ids) : len(ids) + k] == pytest.approx(
+            lp.token_logprobs[:k], abs=2e-3
+        )
+        assert all(x <= 0 for x in s.token_logprobs[1:])
+        assert s.text_offset == sorted(s.text_offset)
+
+    def continuation_logprob(text: str) -> float:
+        full = prompt + text
+        n_ctx = len(tok.encode(prompt))
+        r = run(
+            c.completions.create(
+                model=served.model_id, prompt=full, echo=True, logprobs=1, max_tokens=0
+            )
+        )
+        return sum(r.choices[0].logprobs.token_logprobs[n_ctx:])
+
+    # the model's own answer outscores the same answer garbled
+    answer = gen.choices[0].text
+    assert continuation_logprob(answer) > continuation_logprob(answer[::-1] + " 999")
+
+
+def test_n_choices_sample_on_their_own_and_a_seed_repeats_them(served):
+    kw = dict(temperature=1.5, max_tokens=12, n=3, seed=7)
+    a = run(_chat(served, ADD[2].prompt, **kw))
+    b = run(_chat(served, ADD[2].prompt, **kw))
+    texts = [ch.message.content for ch in a.choices]
+    assert [ch.index for ch in a.choices] == [0, 1, 2]
+    assert texts == [ch.message.content for ch in b.choices]  # the seed repeats all three
+    assert len(set(texts)) > 1, texts  # but each choice is its own sample
+    assert a.usage.completion_tokens >= len(texts)
+    # completions: every prompt gets n choices, indexed prompt-major
+    c = app_client(served)
+    r = run(
+        c.completions.create(
+            model=served.model_id, prompt=["12+3=", "4+5="], n=2, max_tokens=4, temperature=0
+        )
+    )
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text and r.choices[2].text == r.choices[3].text
+
+    async def streamed():
+        stream = await _chat(served, ADD[2].prompt, stream=True, **kw)
+        parts = {}
+        async for chunk in stream:
+            for ch in chunk.choices:
+                parts[ch.index] = parts.get(ch.index, "") + (ch.delta.content or "")
+        return [parts[i] for i in sorted(parts)]
+
+    assert run(streamed()) == texts
+
+
+def test_logit_bias_forces_and_forbids_tokens(served):
+    prompt = ADD[3].prompt
+    greedy = run(_chat(served, prompt, temperature=0, max_tokens=8, logprobs=True))
+    first = greedy.choices[0].logprobs.content[0]
+    first_id = served.backend.encode(first.token)[0]
+    banned = run(
+        _chat(served, prompt, temperature=0, max_tokens=8, logit_bias={str(first_id): -100})
+    )
+    assert banned.choices[0].message.content != greedy.choices[0].message.content
+    assert not banned.choices[0].message.content.startswith(first.token)
+    x = served.backend.encode("7")[0]
+    forced = run(_chat(served, prompt, temperature=0, max_tokens=6, logit_bias={str(x): 100}))
+    assert forced.choices[0].message.content == "7" * 6
+
+
+def test_the_frequency_penalty_lowers_repetition(served):
+    prompt = ADD[0].prompt
+
+    def most_repeated(**kw) -> tuple[str, int]:
+        r = run(_chat(served, prompt, temperature=0, max_tokens=32, logprobs=True, **kw))
+        toks = [t.token for t in r.choices[0].logprobs.content]
+        return r.choices[0].message.content, max(toks.count(t) for t in toks)
+
+    plain, plain_rep = most_repeated()
+    freq, freq_rep = most_repeated(frequency_penalty=2.0)
+    assert plain_rep >= 3, plain  # the sum's scratchpad repeats digits
+    assert freq != plain and freq_rep < plain_rep, (plain, freq)
+
+
+def test_presence_counts_once_and_frequency_every_time():
+    """OpenAI's definitions on a hand-made distribution: the presence penalty is subtracted once
+    a token has appeared, the frequency penalty once per appearance."""
+    import numpy as np
+
+    from serve.backends import GenParams, Sampler
+
+    logits = np.array([3.0, 2.0, 0.0], dtype=np.float32)
+
+    def picks(**kw) -> list[int]:
+        s = Sampler(GenParams(max_tokens=4, temperature=0, **kw))
+        return [s.pick(logits)[0] for _ in range(4)]
+
+    assert picks() == [0, 0, 0, 0]
+    # 3 - 1.5 < 2; then both appeared: 1.5 > 0.5, for good (presence does not grow)
+    assert picks(presence_penalty=1.5) == [0, 1, 0, 0]
+    # 3 - 0.6 > 2 > 3 - 1.2; then 1.8 > 2 - 0.6: it grows with every appearance
+    assert picks(frequency_penalty=0.6) == [0, 0, 1, 0]
+    assert picks(logit_bias={2: 5.0}) == [2, 2, 2, 2]
+    assert picks(presence_penalty=-2.0, logit_bias={1: 1.5}) == [1, 1, 1, 1]  # rewards repeats
