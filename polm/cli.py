@@ -90,6 +90,8 @@ def cmd_eval(a) -> None:
     from polm.evaluate import evaluate_checkpoint
 
     ckpt = Checkpoint.open(a.ckpt)
+    if a.endpoint:
+        return endpoint_eval(a, ckpt)
     metrics = evaluate_checkpoint(ckpt, a.task, n=a.n)
     if a.self_refine:
         metrics |= self_refine_metrics(ckpt, a.task, a.n, a.self_refine, a.trace)
@@ -99,6 +101,31 @@ def cmd_eval(a) -> None:
     else:
         for k, v in metrics.items():
             print(f"{k:<28} {v:.4f}" if isinstance(v, float) else f"{k:<28} {v}")
+
+
+def endpoint_eval(a, ckpt) -> None:
+    """``polm eval CKPT --endpoint URL``: lm-evaluation-harness on the served model (CKPT gives
+    the tokenizer and chat template); printed, not written into the manifest."""
+    import os
+
+    from polm.lmeval import run_lm_eval
+
+    if a.self_refine:
+        raise PolmError("--self-refine runs the checkpoint itself; drop it with --endpoint.")
+    tokenizer = ckpt.path
+    if not (tokenizer / "tokenizer_config.json").is_file():
+        raise PolmError(
+            f"{ckpt.path} ({ckpt.format}) has no transformers tokenizer; --endpoint needs the "
+            "served model's hf, peft-adapter or quantized checkpoint for its tokenizer."
+        )
+    api_key = os.environ.get("POLM_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    write = Path(a.write_tasks) if a.write_tasks else None
+    metrics = run_lm_eval(a.endpoint, tokenizer, a.task, a.n, a.model, api_key, write)
+    if a.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:<36} {v:.4f}")
 
 
 def self_refine_metrics(ckpt, tasks, n, rounds, trace) -> dict:
@@ -303,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also answer with N rounds of generate-critique-revise (verifier critic)",
     )
     s.add_argument("--trace", help="write each self-refine answer and critique to this JSONL")
+    s.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="score the model served at this OpenAI-compatible /v1 with lm-evaluation-harness "
+        "(CKPT gives the tokenizer and chat template; key from POLM_API_KEY or OPENAI_API_KEY)",
+    )
+    s.add_argument("--model", help="with --endpoint: the served model name (default: the first)")
+    s.add_argument(
+        "--write-tasks", metavar="DIR", help="with --endpoint: keep lm-eval's tasks here"
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_eval)
     s = sub.add_parser(
