@@ -369,10 +369,29 @@ class Done:
     prompt_logprobs: list[TokenLogprob | None] | None
 
 
+async def _generate(state: ServerState, ids: list[int], params: GenParams):
+    """The backend's pieces for one choice, recorded in the server's metrics."""
+    watch = state.metrics.watch(len(ids)) if state.metrics is not None else None
+    if watch is None:
+        async for piece in state.backend.generate(ids, params):
+            yield piece
+        return
+    reason, n = None, 0
+    try:
+        async for piece in state.backend.generate(ids, params):
+            if piece.text:
+                watch.token()
+            if piece.finish_reason:
+                reason, n = piece.finish_reason, piece.completion_tokens
+            yield piece
+    finally:
+        watch.end(reason, n)
+
+
 async def _collect(state: ServerState, ids: list[int], params: GenParams) -> Done:
     parts, reason, n, lps, prompt_lps = [], "length", 0, [], None
     scored = params.prompt_logprobs is not None  # then the first piece is the prompt's
-    async for piece in state.backend.generate(ids, params):
+    async for piece in _generate(state, ids, params):
         if scored:
             scored, prompt_lps = False, piece.logprobs
             continue
@@ -492,7 +511,7 @@ async def _chat_chunks(state, rid, ids, params: list[GenParams], usage: bool, na
 
     async def one(i: int, p: GenParams):
         yield chunk(i, Delta(role="assistant", content=""))
-        async for piece in state.backend.generate(ids, p):
+        async for piece in _generate(state, ids, p):
             lps = names.chat(piece.logprobs) if p.logprobs is not None and piece.logprobs else None
             if piece.text or lps:
                 yield chunk(i, Delta(content=piece.text), lps=lps)
@@ -525,7 +544,7 @@ async def _text_chunks(state, rid, jobs, prompts, usage: bool, names, req):
             yield chunk(i, head, lps=lps)
             offset = len(head)
         scored = p.prompt_logprobs is not None  # then the first piece is the prompt's
-        async for piece in state.backend.generate(ids, p):
+        async for piece in _generate(state, ids, p):
             if scored:
                 scored = False
                 head = echo if echo is not None else state.backend.decode(ids)

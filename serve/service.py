@@ -14,7 +14,9 @@ no ``max_tokens``: the rest of the context, at most this; default 1024), ``timeo
 line), ``bento_model`` (a BentoML model holding the
 checkpoint: what ``polm package bento`` builds into a bento, used when ``model`` is not given).
 
-The module imports only BentoML, Starlette and polm's protocol at import time. The service
+``/metrics`` serves BentoML's request metrics and polm's generation series
+(:mod:`serve.metrics`). The module imports only BentoML, Starlette and polm's protocol at
+import time. The service
 loads the model on a background thread from ``__init__``, so the server answers ``/livez`` at
 once and ``/readyz`` 503 until the model is loaded and a warm-up generation has succeeded.
 """
@@ -30,6 +32,7 @@ import bentoml
 from pydantic import BaseModel, Field
 
 from serve.app import build_app
+from serve.metrics import ServeMetrics
 from serve.state import ServerState, load_state
 
 log = logging.getLogger("polm.serve")
@@ -69,7 +72,9 @@ def _api_keys(args: ServeArgs) -> list[str]:
 
 
 ARGS = _args()
-STATE = ServerState(default_max_tokens=ARGS.default_max_tokens)
+STATE = ServerState(
+    default_max_tokens=ARGS.default_max_tokens, metrics=ServeMetrics(bentoml.metrics)
+)
 APP = build_app(
     STATE,
     max_body_bytes=ARGS.max_body_bytes,

@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from serve.backends import Backend
 
@@ -25,6 +26,7 @@ class ServerState:
     failed: str | None = None  # why loading failed (logged in full; shown in short)
     # a request without max_tokens gets the rest of the context, up to this many tokens
     default_max_tokens: int = 1024
+    metrics: Any = None  # serve.metrics.ServeMetrics, when the server reports /metrics
 
 
 def load_state(

@@ -8,6 +8,7 @@ chat page in headless Chromium."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -267,6 +268,44 @@ def test_with_api_keys_set_the_client_needs_one(capped):
     bare = httpx.post(capped.url + CHAT, json={"messages": MSG})
     assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(capped.url + "/readyz").status_code == 200  # probes stay open
+
+
+def _polm_metrics(url: str) -> dict[str, float]:
+    """polm's series on /metrics (open without a key, as the probes are), summed over pids."""
+    r = httpx.get(url + "/metrics")
+    assert r.status_code == 200, r.text
+    out: dict[str, float] = {}
+    for line in r.text.splitlines():
+        if line.startswith("polm:") and "_bucket" not in line:
+            name, _, value = line.rpartition(" ")
+            name = re.sub(r'\{?pid="\d+",?\}?', "", name)
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def test_metrics_count_tokens_and_time_the_first_token(capped):
+    before = _polm_metrics(capped.url)
+    done = [
+        capped.client.chat.completions.create(
+            model=capped.model, messages=MSG, temperature=0, max_tokens=6, n=2
+        )
+        for _ in range(2)
+    ]
+    after = _polm_metrics(capped.url)
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    made = sum(r.usage.completion_tokens for r in done)
+    assert grew("polm:generation_tokens_total") == made > 0
+    # each of the n choices reads its prompt
+    assert grew("polm:prompt_tokens_total") == 2 * sum(r.usage.prompt_tokens for r in done)
+    assert grew("polm:time_to_first_token_seconds_count") == 4
+    reasons = [ch.finish_reason for r in done for ch in r.choices]
+    for reason in ("stop", "length"):
+        key = f'polm:request_success_total{{finished_reason="{reason}"}}'
+        assert grew(key) == reasons.count(reason), (key, before, after)
+    assert after["polm:num_requests_running"] == 0
 
 
 def slow_request(url: str, path: str = CHAT):
