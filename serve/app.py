@@ -229,6 +229,8 @@ def _params(
         )
     bias = req.bias()
     _check_token_ids(state, list(bias), "logit_bias")
+    fmt = getattr(req, "response_format", None)
+    schema = fmt.schema() if fmt is not None else None
     return GenParams(
         max_tokens=budget if budget is not None else min(ctx - n_prompt, state.default_max_tokens),
         temperature=req.temperature,
@@ -241,7 +243,25 @@ def _params(
         logit_bias=bias,
         logprobs=req.logprobs_k(),
         prompt_logprobs=prompt_logprobs,
+        json_schema=schema,
     )
+
+
+def _check_format(req: ChatCompletionRequest) -> None:
+    """A schema decoding cannot be held to is the client's 400, not the worker's 500."""
+    fmt = req.response_format
+    schema = fmt.schema() if fmt is not None else None
+    if schema is None:
+        return
+    from serve.grammar import check_schema
+
+    if why := check_schema(schema):
+        raise APIError(
+            400,
+            f"response_format: the schema cannot constrain decoding: {why}",
+            param="response_format",
+            code="invalid_schema",
+        )
 
 
 def _check_token_ids(state: ServerState, ids, param: str) -> None:
@@ -274,6 +294,7 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     req = ChatCompletionRequest.model_validate(await _json(request))
     _check_model(state, req.model)
+    _check_format(req)
     messages = [m.for_template() for m in req.messages]
     ids = state.backend.encode(state.backend.render_chat(messages))
     params = [_params(state, req, len(ids), i) for i in range(req.n)]

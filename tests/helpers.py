@@ -248,6 +248,27 @@ MALFORMED = [
     ("logit-bias-value", CHAT, {"messages": MSG, "logit_bias": {"5": 101}}, 400, None),
     ("logit-bias-vocab", CHAT, {"messages": MSG, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ("stream-not-bool", CHAT, {"messages": MSG, "stream": "yes"}, 400, "stream"),
+    ("format-type", CHAT, {"messages": MSG, "response_format": {"type": "yaml"}}, 400, None),
+    (
+        "format-no-schema",
+        CHAT,
+        {"messages": MSG, "response_format": {"type": "json_schema"}},
+        400,
+        "response_format",
+    ),
+    (
+        "format-bad-schema",
+        CHAT,
+        {
+            "messages": MSG,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+            },
+        },
+        400,
+        "response_format",
+    ),
     ("unknown-field", CHAT, {"messages": MSG, "max_token": 5}, 400, "max_token"),
     ("negative-seed", CHAT, {"messages": MSG, "seed": -1}, 400, "seed"),
     (

@@ -25,6 +25,7 @@ class GenParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token (echo)
+    json_schema: dict | None = None  # structured output: decoding constrained to this schema
 
     def plain_greedy(self) -> bool:
         """Greedy with nothing to adjust or report: an argmax over the raw logits is enough."""
@@ -34,6 +35,7 @@ class GenParams:
             and not self.presence_penalty
             and not self.frequency_penalty
             and self.logprobs is None
+            and self.json_schema is None
         )
 
 
@@ -61,14 +63,15 @@ class Piece:
 class Sampler:
     """One request's next token from the model's logits (a numpy vector): the logit bias, the
     presence and frequency penalties over the tokens generated so far (OpenAI's definitions),
-    then greedy at temperature 0, else nucleus sampling with the request's own seeded generator;
-    and, when asked for, the chosen token's log-prob and the most likely alternatives.
+    then the structured-output mask (``matcher``: :class:`serve.grammar.Matcher`), then greedy
+    at temperature 0, else nucleus sampling with the request's own seeded generator; and, when
+    asked for, the chosen token's log-prob and the most likely alternatives.
     Every token backend samples through it, so that all of them sample alike."""
 
-    def __init__(self, params: GenParams):
+    def __init__(self, params: GenParams, matcher=None):
         import numpy as np
 
-        self.np, self.p = np, params
+        self.np, self.p, self.matcher = np, params, matcher
         self.rng = np.random.default_rng(params.seed)
         self.counts: Counter[int] = Counter()
 
@@ -83,6 +86,8 @@ class Sampler:
             ids = list(self.counts)
             seen = np.fromiter(self.counts.values(), np.float64, len(ids))
             z[ids] -= p.frequency_penalty * seen + p.presence_penalty
+        if self.matcher is not None:
+            self.matcher.mask(z)
         if p.temperature == 0:
             tok = int(np.argmax(z))
         else:
@@ -99,6 +104,8 @@ class Sampler:
             cdf = np.cumsum(probs)
             tok = int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1]), len(probs) - 1))
         self.counts[tok] += 1
+        if self.matcher is not None:
+            self.matcher.take(tok)
         lp = None if p.logprobs is None else token_logprob(raw, tok, p.logprobs)
         return tok, lp
 
@@ -227,6 +234,22 @@ class TextStream:
 
 class TokenBackend(Backend):
     """A backend whose worker produces token ids; subclasses implement :meth:`submit`."""
+
+    _guide = None
+
+    def sampler(self, params: GenParams) -> Sampler:
+        """A request's :class:`Sampler`, with its structured-output matcher if it asks for one."""
+        if params.json_schema is None:
+            return Sampler(params)
+        if self._guide is None:
+            from serve.grammar import Guide
+
+            self._guide = Guide(self._guide_tokenizer)
+        return Sampler(params, self._guide.matcher(params.json_schema))
+
+    def _guide_tokenizer(self):
+        """This backend's tokenizer as llguidance's ``LLTokenizer`` (structured outputs)."""
+        raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from serve.backends.base import Job, Sampler, TokenBackend, prompt_logprobs
+from serve.backends.base import Job, TokenBackend, prompt_logprobs
 
 
 class LlamaCppBackend(TokenBackend):
@@ -45,6 +45,17 @@ class LlamaCppBackend(TokenBackend):
     def submit(self, job: Job) -> None:
         self.pool.submit(self._run, job)
 
+    def _guide_tokenizer(self):
+        import warnings
+
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        ends = [t for t in range(self.n_vocab) if self.lm.is_end(t)]
+        vocab = self.llm._model.vocab  # noqa: SLF001
+        with warnings.catch_warnings():  # llguidance calls a deprecated alias once per token
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return lltokenizer_from_vocab(vocab, n_vocab=self.n_vocab, eos_token=ends)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.llm.close()
@@ -74,7 +85,7 @@ class LlamaCppBackend(TokenBackend):
                 keep += 1
             llm.n_tokens = keep
             logits = self._feed(prompt[keep:])
-        sampler, made = Sampler(p), 0
+        sampler, made = self.sampler(p), 0
         while not job.cancelled.is_set():
             if made >= p.max_tokens or len(prompt) + made >= self.context_length:
                 job.finish("length")

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from serve.backends.base import Job, Sampler, TokenBackend, prompt_logprobs
+from serve.backends.base import Job, TokenBackend, prompt_logprobs
 
 
 class OnnxBackend(TokenBackend):
@@ -33,6 +34,7 @@ class OnnxBackend(TokenBackend):
         cores = os.cpu_count() or 1
         workers = workers or int(os.environ.get("POLM_ONNX_WORKERS", 0) or 0) or cores
         threads = threads or int(os.environ.get("POLM_ONNX_THREADS", 0) or 0)
+        self.path = Path(path)
         self.lm = OnnxLM(path, threads=threads or max(1, cores // workers))
         self.model, self.tokenizer = self.lm.model, self.lm.tokenizer
         self.context_length = self.lm.context_length
@@ -51,6 +53,12 @@ class OnnxBackend(TokenBackend):
 
     def submit(self, job: Job) -> None:
         self.pool.submit(self._run, job)
+
+    def _guide_tokenizer(self):
+        from llguidance import LLTokenizer
+
+        text = (self.path / "tokenizer.json").read_text()
+        return LLTokenizer(text, n_vocab=self.vocab_size or None, eos_token=sorted(self.eos))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -76,7 +84,7 @@ class OnnxBackend(TokenBackend):
             job.emit_prompt(prompt_logprobs(rows, job.prompt_ids, p.prompt_logprobs))
         else:
             gen.append_tokens(np.array(job.prompt_ids, dtype=np.int32))
-        sampler, made = Sampler(p), 0
+        sampler, made = self.sampler(p), 0
         while not job.cancelled.is_set():
             if made >= p.max_tokens or len(job.prompt_ids) + made >= max_length:
                 job.finish("length")

@@ -66,6 +66,15 @@ class TransformersBackend(TokenBackend):
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
+    def _guide_tokenizer(self):
+        from llguidance import LLTokenizer
+
+        from serve.grammar import hf_tokenizer_json
+
+        return LLTokenizer(
+            hf_tokenizer_json(self.tokenizer), n_vocab=self.vocab_size, eos_token=sorted(self.eos)
+        )
+
     def close(self) -> None:
         self.jobs.put(None)
         self.worker.join(timeout=10)
@@ -115,7 +124,7 @@ class TransformersBackend(TokenBackend):
             mask[i, width - n :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = left_padded_positions(mask)
-        samplers = [Sampler(j.params) for j in batch]
+        samplers = [self.sampler(j.params) for j in batch]
         made = [0] * len(batch)
         from transformers import DynamicCache
 

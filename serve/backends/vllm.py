@@ -66,6 +66,7 @@ class VllmBackend(Backend):
             logit_bias=params.logit_bias or None,
             logprobs=params.logprobs,
             prompt_logprobs=params.prompt_logprobs,
+            **_structured(params),
         )
         rid = uuid.uuid4().hex
         loop = asyncio.get_running_loop()
@@ -135,3 +136,12 @@ def _logprobs(token_ids, per_token, start: int, k: int) -> list[TokenLogprob | N
         chosen = d[tok].logprob if tok in d else float("-inf")
         out.append(TokenLogprob(tok, chosen, [(t, lp) for _, t, lp in top]))
     return out
+
+
+def _structured(params: GenParams) -> dict:
+    """A JSON-schema constraint as vLLM's structured outputs (its own grammar backends)."""
+    if params.json_schema is None:
+        return {}
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return {"structured_outputs": StructuredOutputsParams(json=params.json_schema)}

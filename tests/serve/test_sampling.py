@@ -1,10 +1,11 @@
 """What OpenAI clients ask of the sampler, on every token backend (transformers, onnxruntime-genai,
 llama.cpp), in-process through the official `openai` client: log-probs (chat and completions,
 streamed and not), the prompt's log-probs with echo and ``max_tokens: 0`` (how
-lm-evaluation-harness scores answers), ``n`` choices with seeds, ``logit_bias``, and the
-presence and frequency penalties."""
+lm-evaluation-harness scores answers), ``n`` choices with seeds, ``logit_bias``, the
+presence and frequency penalties, and structured outputs (``response_format``)."""
 
 import asyncio
+import json
 
 import pytest
 
@@ -220,3 +221,68 @@ def test_presence_counts_once_and_frequency_every_time():
     assert picks(frequency_penalty=0.6) == [0, 0, 1, 0]
     assert picks(logit_bias={2: 5.0}) == [2, 2, 2, 2]
     assert picks(presence_penalty=-2.0, logit_bias={1: 1.5}) == [1, 1, 1, 1]  # rewards repeats
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sum": {"type": "integer", "minimum": 0, "maximum": 9999},
+        "carry": {"type": "boolean"},
+        "digits": {"type": "array", "items": {"enum": ["one", "two", "three"]}, "maxItems": 3},
+    },
+    "required": ["sum", "carry", "digits"],
+    "additionalProperties": False,
+}
+
+
+def _valid(doc) -> bool:
+    """``doc`` against SCHEMA, by hand."""
+    return (
+        isinstance(doc, dict)
+        and set(doc) == {"sum", "carry", "digits"}
+        and type(doc["sum"]) is int
+        and 0 <= doc["sum"] <= 9999
+        and type(doc["carry"]) is bool
+        and isinstance(doc["digits"], list)
+        and len(doc["digits"]) <= 3
+        and all(d in ("one", "two", "three") for d in doc["digits"])
+    )
+
+
+def test_json_schema_answers_parse_and_validate(served):
+    """A model never trained on JSON answers in the schema, greedy and sampled, streamed and
+    not: the grammar masks every token that cannot continue a valid document."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "sum", "schema": SCHEMA, "strict": True}}
+    answers = []
+    for i, ex in enumerate(ADD):
+        for temperature in (0, 1.0):
+            r = run(
+                _chat(
+                    served,
+                    ex.prompt,
+                    response_format=fmt,
+                    max_tokens=96,
+                    temperature=temperature,
+                    seed=i,
+                )
+            )
+            assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+            doc = json.loads(r.choices[0].message.content)
+            assert _valid(doc), doc
+            answers.append(r.choices[0].message.content)
+    # unconstrained, the same model answers with its scratchpad, not JSON
+    plain = run(_chat(served, ADD[0].prompt, temperature=0, max_tokens=48))
+    assert not plain.choices[0].message.content.startswith("{")
+
+    async def streamed():
+        stream = await _chat(
+            served, ADD[0].prompt, response_format=fmt, max_tokens=96, temperature=0, stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    assert run(streamed()) == answers[0]
+    # json_object: any object; what ends, parses
+    r = run(_chat(served, ADD[1].prompt, response_format={"type": "json_object"}, seed=3,
+                  temperature=1.0, max_tokens=96))  # fmt: skip
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
