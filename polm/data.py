@@ -22,6 +22,8 @@ def task_dataset(tasks: list[str], fmt: str = "messages", n: int | None = None, 
     from polm.tasks import render
 
     rows = [row for t in tasks for row in render(t, "train", fmt, n)]
+    if any("tools" in row for row in rows):  # one column for every row (Arrow's schema)
+        rows = [{**row, "tools": row.get("tools")} for row in rows]
     return Dataset.from_list(rows).shuffle(seed=seed) if len(tasks) > 1 else Dataset.from_list(rows)
 
 

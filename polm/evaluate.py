@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 from polm.checkpoint import weights_bytes
+from polm.errors import PolmError
 from polm.tasks import get_task
 
 MAX_NEW_TOKENS = 48
@@ -55,10 +56,14 @@ def hf_answer_tokens(tokenizer, task: str) -> int:
     return answer_tokens(task, lambda t: len(tokenizer(t, add_special_tokens=False).input_ids))
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    """A user turn rendered with the chat template, ready for the assistant's answer."""
+def chat_prompt(tokenizer, prompt: str, tools=None) -> str:
+    """A user turn rendered with the chat template (and ``tools``, when the task has them),
+    ready for the assistant's answer."""
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": prompt}],
+        tokenize=False,
+        add_generation_prompt=True,
+        tools=list(tools) if tools else None,
     )
 
 
@@ -91,14 +96,16 @@ def greedy_generate(
     prompts: list[str],
     batch_size: int = 128,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    tools=None,
 ) -> list[str]:
-    """Greedy completions for chat ``prompts`` (user turns), decoded in left-padded batches
-    (as many rows as keep one step's logits, and their processed copies, within budget)."""
+    """Greedy completions for chat ``prompts`` (user turns, asked with ``tools`` when given),
+    decoded in left-padded batches (as many rows as keep one step's logits, and their processed
+    copies, within budget)."""
     outs: list[str] = []
     # one position's logits a row, and the copies generate's logits processors make of them
     batch_size = rows_per_batch(model, 4, batch_size)
     for i in range(0, len(prompts), batch_size):
-        texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
+        texts = [chat_prompt(tokenizer, p, tools) for p in prompts[i : i + batch_size]]
         outs += generate_texts(model, tokenizer, texts, max_new_tokens, do_sample=False)
     return outs
 
@@ -147,9 +154,12 @@ def accuracy(model, tokenizer, task: str, n: int | None = None, batch_size: int 
     """Exact-match accuracy of a torch model on the task's test split, decoding no further
     than the task's answer length."""
     new = hf_answer_tokens(tokenizer, task)
-    return task_accuracy(
-        task, n, lambda ps: greedy_generate(model, tokenizer, ps, batch_size, max_new_tokens=new)
-    )
+    tools = get_task(task).tools
+
+    def answer(prompts):
+        return greedy_generate(model, tokenizer, prompts, batch_size, new, tools)
+
+    return task_accuracy(task, n, answer)
 
 
 PERPLEXITY_LINES = 200
@@ -247,12 +257,13 @@ def _encode_pairs(tokenizer, rows: list[dict], keys: tuple[str, ...] = PAIR):
     ids and the prompt lengths (the completion is what follows the prompt)."""
     seqs, prompt_lens = [], []
     for r in rows:
+        tools = r.get("tools")
         prompt = tokenizer.apply_chat_template(
-            r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True
+            r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True, tools=tools
         )["input_ids"]
         for key in keys:
             full = tokenizer.apply_chat_template(
-                r["prompt"] + r[key], tokenize=True, return_dict=True
+                r["prompt"] + r[key], tokenize=True, return_dict=True, tools=tools
             )["input_ids"]
             seqs.append(full)
             prompt_lens.append(len(prompt))
@@ -350,6 +361,11 @@ def runtime_metrics(lm, tasks: list[str], n: int | None, count_tokens) -> dict:
     ``polm.llamacpp.GgufLM``: ``greedy``, ``chat_prompt``, ``decode_exactly``)."""
     metrics: dict = {}
     for task in tasks:
+        if get_task(task).tools:
+            raise PolmError(
+                f"task {task!r} asks with tools: it is evaluated on torch checkpoints and "
+                "through the server (the onnx and gguf runtimes' evaluation renders no tools)"
+            )
         new = answer_tokens(task, count_tokens)
         result = task_accuracy(task, n, lambda ps, new=new: lm.greedy(ps, new))
         metrics[f"eval.{task}.accuracy"] = result["accuracy"]

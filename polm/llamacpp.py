@@ -124,10 +124,6 @@ def install(dest: Path | None = None) -> Path:
         return unpack(sdist, dest or converter_dir())
 
 
-def _raise(message: str):
-    raise PolmError(f"the chat template refused the messages: {message}")
-
-
 def trained_context(file: Path) -> int | None:
     """The context length a GGUF file was trained for (``<arch>.context_length``)."""
     from gguf import GGUFReader
@@ -190,23 +186,14 @@ class GgufLM:
         """Whether ``token`` ends generation (eos, eot, ...: llama.cpp's end-of-generation)."""
         return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def render(self, messages: list[dict]) -> str:
-        """``messages`` rendered with the file's chat template, ready for the answer."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """``messages`` (asked with ``tools``, when given) rendered with the file's chat
+        template, ready for the answer."""
         if not self.template:
             raise PolmError("this GGUF file has no chat template (tokenizer.chat_template)")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from polm.tokenizer import render_template
 
-        # as transformers renders chat templates: loop controls and raise_exception
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.globals["raise_exception"] = _raise
-        return env.from_string(self.template).render(
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=self.bos_text,
-            eos_token=self.eos_text,
-        )
+        return render_template(self.template, messages, tools, self.bos_text, self.eos_text)
 
     def chat_prompt(self, prompt: str) -> str:
         """A user turn rendered with the file's chat template, ready for the answer."""

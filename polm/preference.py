@@ -12,10 +12,11 @@ Pairs are fixed per split (seeded), like the tasks themselves.
 
 from __future__ import annotations
 
+import json
 import random
 from functools import cache
 
-from polm.tasks import ADD_DIGITS, Example, get_task
+from polm.tasks import ADD_DIGITS, Example, get_task, tool_call_text
 
 PAIR_SEEDS = {"train": 11, "test": 12}
 
@@ -64,6 +65,12 @@ def rejected_answer(task: str, ex: Example, rng: random.Random) -> str:
         return good[1:] + good[0] if good[1:] + good[0] != good else good + good[0]
     if task == "compare":
         return rng.choice([w for w in ("more", "less", "same") if w != ex.target])
+    if task == "tool":  # the right tool, one argument off by one digit
+        call = json.loads(ex.target)
+        args = dict(call["arguments"])
+        key = rng.choice(sorted(args))
+        args[key] = int(_off_by_one_digit(f"=> {args[key]}", rng).split("=> ")[1])
+        return tool_call_text(call["name"], args)
     raise ValueError(f"no preference pairs for task {task!r}")
 
 
@@ -77,13 +84,12 @@ def preference_pairs(task: str, split: str, n: int | None = None) -> list[dict]:
     """TRL conversational preference rows: ``prompt`` / ``chosen`` / ``rejected``."""
     rows = []
     for ex, bad in _pairs(task, split)[:n]:
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": ex.prompt}],
-                "chosen": [{"role": "assistant", "content": ex.answer}],
-                "rejected": [{"role": "assistant", "content": bad}],
-            }
-        )
+        row = {
+            "prompt": [{"role": "user", "content": ex.prompt}],
+            "chosen": [{"role": "assistant", "content": ex.answer}],
+            "rejected": [{"role": "assistant", "content": bad}],
+        }
+        rows.append({**row, "tools": list(ex.tools)} if ex.tools else row)
     return rows
 
 

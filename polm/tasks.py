@@ -19,11 +19,25 @@ scorers check the text after ``####``.
 ``reverse`` reverses a lowercase word (the base model is pretrained on it); ``compare`` says
 whether the first of two numbers is ``more``, ``less`` or the ``same`` as the second (the base
 model never saw it: with ``add``, a pair of skills the base lacks, for merging experts).
+
+``tool`` teaches tool calling: given an ``add(a, b)`` tool, ``sum 57 468`` is answered with a
+call, the tool's result with the sum (the chat template writes both turns)::
+
+    system:    <tools> add(a: integer, b: integer) # ... </tools>
+    user:      sum 57 468
+    assistant: <tool_call>\n{"name": "add", "arguments": {"a": 57, "b": 468}}\n</tool_call>
+    tool:      525
+    assistant: => 525
+
+It is scored on the call (the same tool and arguments); its training conversations also carry
+the tool's result and the answer after it.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +55,8 @@ class Example:
     prompt: str
     answer: str  # the reference completion
     target: str  # what the scorer compares against
+    tools: tuple = ()  # OpenAI tool definitions the prompt is asked with
+    followup: tuple = ()  # messages after the answer in training conversations (tool results)
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,7 @@ class Task:
     description: str
     sample: Callable[[random.Random], Example]
     extract: Callable[[str], str]
+    tools: tuple = ()  # the tools every prompt of the task is asked with
 
     def examples(self, split: str, n: int | None = None) -> list[Example]:
         """The task's fixed split (``train`` or ``test``), optionally its first ``n`` examples."""
@@ -109,6 +126,53 @@ def _sample_compare(rng: random.Random) -> Example:
     return Example(prompt=f"compare {a} {b}", answer=word, target=word)
 
 
+# --- tool ----------------------------------------------------------------------------------
+
+ADD_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "the sum of a and b",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
+def tool_call_text(name: str, arguments: dict) -> str:
+    """A call as the built-in chat template writes it."""
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+def _sample_tool(rng: random.Random) -> Example:
+    a, b = _number(rng, ADD_DIGITS), _number(rng, ADD_DIGITS)
+    call = {"name": "add", "arguments": {"a": a, "b": b}}
+    return Example(
+        prompt=f"sum {a} {b}",
+        answer=tool_call_text("add", call["arguments"]),
+        target=json.dumps(call, sort_keys=True),
+        tools=(ADD_TOOL,),
+        followup=(
+            {"role": "tool", "content": str(a + b)},
+            {"role": "assistant", "content": f"=> {a + b}"},
+        ),
+    )
+
+
+def _first_call(completion: str) -> str:
+    """The first ``<tool_call>`` in a completion as canonical JSON ('' if none parses)."""
+    m = TOOL_CALL.search(completion)
+    try:
+        return json.dumps(json.loads(m.group(1)), sort_keys=True) if m else ""
+    except ValueError:
+        return ""
+
+
 TASKS: dict[str, Task] = {
     "add": Task(
         "add",
@@ -124,6 +188,13 @@ TASKS: dict[str, Task] = {
         "is the first number more than, less than or the same as the second (up to 3 digits)",
         _sample_compare,
         str.strip,
+    ),
+    "tool": Task(
+        "tool",
+        "call the add(a, b) tool for 'sum a b' (up to 3 digits), then answer with its result",
+        _sample_tool,
+        _first_call,
+        tools=(ADD_TOOL,),
     ),
 }
 
@@ -168,27 +239,34 @@ def _split(name: str, split: str) -> tuple[Example, ...]:
 # --- renderings in TRL's formats -----------------------------------------------------------
 
 
+def _with_tools(row: dict, ex: Example) -> dict:
+    """A task with tools adds TRL's ``tools`` column (the chat template renders them)."""
+    return {**row, "tools": list(ex.tools)} if ex.tools else row
+
+
 def to_messages(ex: Example) -> dict:
     """TRL conversational language-modeling format."""
-    return {
-        "messages": [
-            {"role": "user", "content": ex.prompt},
-            {"role": "assistant", "content": ex.answer},
-        ]
-    }
+    messages = [
+        {"role": "user", "content": ex.prompt},
+        {"role": "assistant", "content": ex.answer},
+        *ex.followup,
+    ]
+    return _with_tools({"messages": messages}, ex)
 
 
 def to_prompt_completion(ex: Example) -> dict:
     """TRL conversational prompt-completion format."""
-    return {
-        "prompt": [{"role": "user", "content": ex.prompt}],
-        "completion": [{"role": "assistant", "content": ex.answer}],
-    }
+    completion = [{"role": "assistant", "content": ex.answer}, *ex.followup]
+    return _with_tools(
+        {"prompt": [{"role": "user", "content": ex.prompt}], "completion": completion}, ex
+    )
 
 
 def to_prompt_only(ex: Example) -> dict:
     """TRL prompt-only format plus the reference answer, for reward functions (GRPO)."""
-    return {"prompt": [{"role": "user", "content": ex.prompt}], "answer": ex.target}
+    return _with_tools(
+        {"prompt": [{"role": "user", "content": ex.prompt}], "answer": ex.target}, ex
+    )
 
 
 RENDERINGS = {

@@ -44,15 +44,21 @@ from serve.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     Delta,
+    DeltaFunction,
+    DeltaToolCall,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     TextChoice,
+    ToolCall,
     TopLogprob,
     Usage,
     new_id,
     validation_error,
 )
 from serve.state import ServerState
+from serve.tools import CallStream, template_writes_calls
+from serve.tools import parse as parse_calls
 
 log = logging.getLogger("polm.serve")
 STATIC = Path(__file__).parent / "static"
@@ -229,8 +235,7 @@ def _params(
         )
     bias = req.bias()
     _check_token_ids(state, list(bias), "logit_bias")
-    fmt = getattr(req, "response_format", None)
-    schema = fmt.schema() if fmt is not None else None
+    constraint = _constraint(req) if isinstance(req, ChatCompletionRequest) else None
     return GenParams(
         max_tokens=budget if budget is not None else min(ctx - n_prompt, state.default_max_tokens),
         temperature=req.temperature,
@@ -243,23 +248,37 @@ def _params(
         logit_bias=bias,
         logprobs=req.logprobs_k(),
         prompt_logprobs=prompt_logprobs,
-        json_schema=schema,
+        constraint=constraint,
     )
 
 
-def _check_format(req: ChatCompletionRequest) -> None:
-    """A schema decoding cannot be held to is the client's 400, not the worker's 500."""
+def _constraint(req: ChatCompletionRequest) -> tuple | None:
+    """What decoding is held to: one tool call (``tool_choice`` required or named), else the
+    ``response_format`` schema, else nothing."""
+    choice = req.tool_choice
+    if req.tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
+        from serve.tools import call_grammar
+
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        return ("lark", call_grammar(req.active_tools(), name))
     fmt = req.response_format
     schema = fmt.schema() if fmt is not None else None
-    if schema is None:
-        return
-    from serve.grammar import check_schema
+    return None if schema is None else ("json_schema", schema)
 
-    if why := check_schema(schema):
+
+def _check_constraint(req: ChatCompletionRequest) -> None:
+    """A schema decoding cannot be held to is the client's 400, not the worker's 500."""
+    constraint = _constraint(req)
+    if constraint is None:
+        return
+    from serve.grammar import check_constraint
+
+    if why := check_constraint(constraint):
+        param = "response_format" if constraint[0] == "json_schema" else "tools"
         raise APIError(
             400,
-            f"response_format: the schema cannot constrain decoding: {why}",
-            param="response_format",
+            f"{param}: the schema cannot constrain decoding: {why}",
+            param=param,
             code="invalid_schema",
         )
 
@@ -294,25 +313,37 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     req = ChatCompletionRequest.model_validate(await _json(request))
     _check_model(state, req.model)
-    _check_format(req)
+    _check_constraint(req)
+    tools = req.active_tools()
+    if tools and not template_writes_calls(state.backend.chat_template):
+        raise APIError(
+            400,
+            "tools: this model's chat template writes no tool calls polm can read (the Hermes "
+            "<tool_call> format); send the request without tools",
+            param="tools",
+        )
     messages = [m.for_template() for m in req.messages]
-    ids = state.backend.encode(state.backend.render_chat(messages))
+    ids = state.backend.encode(state.backend.render_chat(messages, tools))
     params = [_params(state, req, len(ids), i) for i in range(req.n)]
     rid = new_id("chatcmpl")
     names = TokenNames(state.backend)
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_chat_chunks(state, rid, ids, params, usage, names))
+        return _sse(_chat_chunks(state, rid, ids, params, usage, names, bool(tools)))
     done = await asyncio.gather(*(_collect(state, ids, p) for p in params))
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=r.text),
-            finish_reason=r.reason,
-            logprobs=names.chat(r.logprobs) if req.logprobs else None,
+    choices = []
+    for i, r in enumerate(done):
+        content, calls = parse_calls(r.text) if tools else (r.text, [])
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(
+                    content=content, tool_calls=[ToolCall(**c) for c in calls] or None
+                ),
+                finish_reason="tool_calls" if calls else r.reason,
+                logprobs=names.chat(r.logprobs) if req.logprobs else None,
+            )
         )
-        for i, r in enumerate(done)
-    ]
     return JSONResponse(
         ChatCompletion(
             id=rid,
@@ -517,7 +548,9 @@ async def _merge(streams):
             t.cancel()
 
 
-async def _chat_chunks(state, rid, ids, params: list[GenParams], usage: bool, names):
+async def _chat_chunks(state, rid, ids, params: list[GenParams], usage: bool, names, tools: bool):
+    """Chat chunks of every choice; with tools, the text before a ``<tool_call>`` streams as
+    it comes and the calls follow as ``tool_calls`` deltas (one per call) at the end."""
     made = [0] * len(params)
 
     def chunk(i, delta: Delta | None, reason=None, use=None, lps=None):
@@ -532,13 +565,25 @@ async def _chat_chunks(state, rid, ids, params: list[GenParams], usage: bool, na
 
     async def one(i: int, p: GenParams):
         yield chunk(i, Delta(role="assistant", content=""))
+        calls = CallStream() if tools else None
         async for piece in _generate(state, ids, p):
             lps = names.chat(piece.logprobs) if p.logprobs is not None and piece.logprobs else None
-            if piece.text or lps:
-                yield chunk(i, Delta(content=piece.text), lps=lps)
+            text = calls.push(piece.text) if calls else piece.text
+            if text or lps:
+                yield chunk(i, Delta(content=text), lps=lps)
             if piece.finish_reason:
                 made[i] = piece.completion_tokens
-                yield chunk(i, Delta(), piece.finish_reason)
+                reason = piece.finish_reason
+                if calls:
+                    rest, found = calls.finish()
+                    if rest:
+                        yield chunk(i, Delta(content=rest))
+                    for k, c in enumerate(found):
+                        fn = DeltaFunction(**c["function"])
+                        call = DeltaToolCall(index=k, id=c["id"], type="function", function=fn)
+                        yield chunk(i, Delta(tool_calls=[call]))
+                    reason = "tool_calls" if found else reason
+                yield chunk(i, Delta(), reason)
 
     async for event in _merge([one(i, p) for i, p in enumerate(params)]):
         yield event

@@ -34,12 +34,22 @@ def grammar(schema: dict) -> str:
     return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
 
 
-def check_schema(schema: dict) -> str | None:
-    """Why ``schema`` cannot constrain decoding (llguidance's message), or None."""
+def compile_constraint(constraint: tuple[str, object]) -> str:
+    """llguidance's grammar for ``("json_schema", schema)`` or ``("lark", text)``."""
+    kind, value = constraint
+    if kind == "json_schema":
+        return grammar(value)
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_lark(value)
+
+
+def check_constraint(constraint: tuple[str, object]) -> str | None:
+    """Why ``constraint`` cannot constrain decoding (llguidance's message), or None."""
     from llguidance import LLMatcher
 
     try:
-        g = grammar(schema)
+        g = compile_constraint(constraint)
     except ValueError as e:
         return str(e)
     is_error, messages = LLMatcher.validate_grammar_with_warnings(g)
@@ -59,13 +69,13 @@ class Guide:
                 self._tok = self._make()
             return self._tok
 
-    def matcher(self, schema: dict) -> Matcher:
+    def matcher(self, constraint: tuple[str, object]) -> Matcher:
         from llguidance import LLMatcher
 
         tok = self.tokenizer()
-        m = LLMatcher(tok, grammar(schema), log_level=0)
+        m = LLMatcher(tok, compile_constraint(constraint), log_level=0)
         if m.is_error():
-            raise ValueError(f"the schema cannot constrain decoding: {m.get_error()}")
+            raise ValueError(f"the grammar cannot constrain decoding: {m.get_error()}")
         return Matcher(m, tok.vocab_size)
 
 

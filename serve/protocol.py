@@ -23,6 +23,7 @@ MAX_N = 8  # choices per request (each decodes as its own sequence)
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 MAX_TOP_LOGPROBS = 20  # vLLM's limit (OpenAI's is 20 on chat, 5 on completions)
 MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128
 
 
 class Strict(BaseModel):
@@ -102,28 +103,106 @@ class TextPart(BaseModel):
 ROLE_FOR_TEMPLATE = {"developer": "system"}
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class FunctionDef(Strict):
+    name: FunctionName
+    description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(Strict):
+    name: FunctionName
+    arguments: str = Field(max_length=MAX_TEXT_CHARS, description="the arguments, as JSON")
+
+
+class ToolCall(Strict):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
-        description="a string, or a list of text parts (joined with newlines, as vLLM does)"
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: (
+        str | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_MESSAGES)] | None
+    ) = Field(
+        None,
+        description="a string, or a list of text parts (joined with newlines, as vLLM does); "
+        "may be null on an assistant message that calls tools",
     )
     name: str | None = Field(None, max_length=64)
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: str | None = Field(None, max_length=256)
 
     @field_validator("content")
     @classmethod
     def _bounded(cls, v):
-        if len(cls.join(v)) > MAX_TEXT_CHARS:
+        if v is not None and len(cls.join(v)) > MAX_TEXT_CHARS:
             raise ValueError(f"the content is longer than {MAX_TEXT_CHARS} characters")
         return v
 
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message calls tools")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(
+                "content: a message needs content (or, from the assistant, tool_calls)"
+            )
+        return self
+
     @staticmethod
     def join(content) -> str:
+        if content is None:
+            return ""
         return content if isinstance(content, str) else "\n".join(p.text for p in content)
 
     def for_template(self) -> dict:
-        """The message as a chat template takes it: plain text, OpenAI roles mapped."""
+        """The message as a chat template takes it: plain text, OpenAI roles mapped, tool calls
+        with their arguments as objects (as Hugging Face chat templates expect them)."""
         role = ROLE_FOR_TEMPLATE.get(self.role, self.role)
-        return {"role": role, "content": self.join(self.content)}
+        out: dict = {"role": role, "content": self.join(self.content)}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": _args(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _args(arguments: str):
+    """A call's arguments as the template writes them: the object, when the string is JSON."""
+    import json
+
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class JsonSchemaFormat(Strict):
@@ -162,6 +241,9 @@ class ChatCompletionRequest(Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("messages")
     @classmethod
@@ -177,9 +259,27 @@ class ChatCompletionRequest(Sampling):
             raise ValueError("needs logprobs set to true")
         return v
 
+    @model_validator(mode="after")
+    def _choice_names_a_tool(self):
+        choice = self.tool_choice
+        if choice is None or choice in ("none", "auto"):
+            return self
+        names = [t.function.name for t in self.tools or []]
+        if not names:
+            raise ValueError("tool_choice: there are no tools to choose from")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool is named {choice.function.name!r}")
+        return self
+
     def logprobs_k(self) -> int | None:
         """How many alternatives each token's log-probs list, or None for no log-probs."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def active_tools(self) -> list[dict] | None:
+        """The tools the model is asked with (none when ``tool_choice`` is ``none``)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -260,7 +360,8 @@ class ModelList(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -289,7 +390,7 @@ class CompletionLogprobs(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChatLogprobs | None = None
 
 
@@ -303,15 +404,28 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChatLogprobs | None = None
 
 

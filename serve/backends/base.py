@@ -25,7 +25,8 @@ class GenParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token (echo)
-    json_schema: dict | None = None  # structured output: decoding constrained to this schema
+    # decoding held to a grammar: ("json_schema", schema) or ("lark", llguidance Lark text)
+    constraint: tuple | None = None
 
     def plain_greedy(self) -> bool:
         """Greedy with nothing to adjust or report: an argmax over the raw logits is enough."""
@@ -35,7 +36,7 @@ class GenParams:
             and not self.presence_penalty
             and not self.frequency_penalty
             and self.logprobs is None
-            and self.json_schema is None
+            and self.constraint is None
         )
 
 
@@ -145,8 +146,9 @@ class Backend:
     name: str = ""
     context_length: int = 0
     vocab_size: int = 0  # the logits' length: token ids in requests are checked against it
+    chat_template: str | None = None  # the Jinja template render_chat uses
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         raise NotImplementedError
 
     def encode(self, text: str) -> list[int]:
@@ -239,13 +241,13 @@ class TokenBackend(Backend):
 
     def sampler(self, params: GenParams) -> Sampler:
         """A request's :class:`Sampler`, with its structured-output matcher if it asks for one."""
-        if params.json_schema is None:
+        if params.constraint is None:
             return Sampler(params)
         if self._guide is None:
             from serve.grammar import Guide
 
             self._guide = Guide(self._guide_tokenizer)
-        return Sampler(params, self._guide.matcher(params.json_schema))
+        return Sampler(params, self._guide.matcher(params.constraint))
 
     def _guide_tokenizer(self):
         """This backend's tokenizer as llguidance's ``LLTokenizer`` (structured outputs)."""

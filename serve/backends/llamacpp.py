@@ -31,10 +31,11 @@ class LlamaCppBackend(TokenBackend):
         self.llm = self.lm.llm
         self.context_length = self.llm.n_ctx()
         self.n_vocab = self.vocab_size = self.llm.n_vocab()
+        self.chat_template = self.lm.template
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="polm-llamacpp")
 
-    def render_chat(self, messages: list[dict]) -> str:
-        return self.lm.render(messages)
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self.lm.render(messages, tools)
 
     def encode(self, text: str) -> list[int]:
         return self.lm.tokenize(text)

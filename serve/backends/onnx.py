@@ -39,11 +39,19 @@ class OnnxBackend(TokenBackend):
         self.model, self.tokenizer = self.lm.model, self.lm.tokenizer
         self.context_length = self.lm.context_length
         self.vocab_size = self.lm.vocab_size
+        self.chat_template = _template(self.path)
         self.eos = self.lm.eos
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="polm-onnx")
 
-    def render_chat(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        if self.chat_template is None:  # onnxruntime-genai's own template for the model type
+            return self.tokenizer.apply_chat_template(
+                json.dumps(messages), tools=json.dumps(tools) if tools else None
+            )
+        from polm.tokenizer import render_template
+
+        bos, eos = _special_tokens(self.path)
+        return render_template(self.chat_template, messages, tools, bos, eos)
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
@@ -96,3 +104,27 @@ class OnnxBackend(TokenBackend):
             job.emit(tok, lp)
             made += 1
             gen.append_tokens(np.array([tok], dtype=np.int32))
+
+
+def _template(path: Path) -> str | None:
+    """The export's chat template (chat_template.jinja, else tokenizer_config.json's)."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = path / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def _special_tokens(path: Path) -> tuple[str, str]:
+    """The export's bos and eos token texts (tokenizer_config.json), for its chat template."""
+    config = path / "tokenizer_config.json"
+    data = json.loads(config.read_text()) if config.is_file() else {}
+
+    def text(key: str) -> str:
+        value = data.get(key) or ""
+        return value.get("content", "") if isinstance(value, dict) else str(value)
+
+    return text("bos_token"), text("eos_token")

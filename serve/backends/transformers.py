@@ -39,6 +39,7 @@ class TransformersBackend(TokenBackend):
         cfg = getattr(cfg, "get_text_config", lambda: cfg)()
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or len(self.tokenizer))
+        self.chat_template = self.tokenizer.chat_template
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tokenizer.pad_token_id
@@ -52,9 +53,9 @@ class TransformersBackend(TokenBackend):
 
     # ---- the Backend interface ---------------------------------------------------------
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
         )
 
     def encode(self, text: str) -> list[int]:

@@ -44,9 +44,9 @@ class VllmBackend(Backend):
         self.context_length = int(self.engine.model_config.max_model_len)
         self.vocab_size = int(self.engine.model_config.get_vocab_size())
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
         )
 
     def encode(self, text: str) -> list[int]:
@@ -139,9 +139,13 @@ def _logprobs(token_ids, per_token, start: int, k: int) -> list[TokenLogprob | N
 
 
 def _structured(params: GenParams) -> dict:
-    """A JSON-schema constraint as vLLM's structured outputs (its own grammar backends)."""
-    if params.json_schema is None:
+    """A constraint as vLLM's structured outputs (its own grammar backends; Lark grammars as
+    llguidance reads them go to vLLM's guidance backend)."""
+    if params.constraint is None:
         return {}
     from vllm.sampling_params import StructuredOutputsParams
 
-    return {"structured_outputs": StructuredOutputsParams(json=params.json_schema)}
+    kind, value = params.constraint
+    if kind == "json_schema":
+        return {"structured_outputs": StructuredOutputsParams(json=value)}
+    return {"structured_outputs": StructuredOutputsParams(grammar=value)}
