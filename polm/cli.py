@@ -248,6 +248,18 @@ def cmd_serve(a) -> None:
         from polm.checkpoint import Checkpoint
 
         a.model = str(Checkpoint.open(a.model).path.absolute())  # no checkpoint: exit 2 now
+    if a.adapter:
+        named = {}
+        for item in a.adapter:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise PolmError(f"--adapter {item!r}: give NAME=DIR.")
+            from polm.checkpoint import Checkpoint
+
+            named[name] = str(Checkpoint.open(path).path.absolute())
+        a.adapters = ",".join(f"{k}={v}" for k, v in named.items())
+    else:
+        a.adapters = None
     for var in ("POLM_MODEL", "POLM_CACHE", "POLM_API_KEY_FILE"):
         if os.environ.get(var):
             os.environ[var] = str(Path(os.environ[var]).expanduser().absolute())
@@ -261,7 +273,8 @@ def cmd_serve(a) -> None:
         a.api_key_file = str(Path(a.api_key_file).expanduser().absolute())
         if not Path(a.api_key_file).is_file():
             raise PolmError(f"--api-key-file {a.api_key_file}: no such file.")
-    for key in ("model", "backend", "served_model_name", "max_concurrency", "api_key_file"):
+    keys = ("model", "backend", "served_model_name", "max_concurrency", "api_key_file", "adapters")
+    for key in keys:
         value = getattr(a, key)
         if value is not None:
             argv += ["--arg", f"{key}={value}"]
@@ -365,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="api_key_file",
         help="a file of API keys (one a line) every /v1 route then requires as a Bearer token "
         "(or POLM_API_KEY=key1,key2 in the environment)",
+    )
+    s.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=DIR",
+        help="also serve this LoRA adapter checkpoint of MODEL under NAME (repeatable)",
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=3000)

@@ -202,19 +202,24 @@ async def _json(request: Request) -> dict:
     return data
 
 
-def _check_model(state: ServerState, name: str | None) -> None:
-    if name not in (None, state.model_id):
-        raise APIError(
-            404,
-            f"the model {name!r} does not exist; this server serves {state.model_id!r}",
-            type="not_found_error",
-            param="model",
-            code="model_not_found",
-        )
+def _check_model(state: ServerState, name: str | None) -> str | None:
+    """The adapter a request's ``model`` names (None: the base); a 404 for any other name."""
+    if name in (None, state.model_id):
+        return None
+    if name in state.adapters:
+        return name
+    served = ", ".join(repr(n) for n in [state.model_id, *state.adapters])
+    raise APIError(
+        404,
+        f"the model {name!r} does not exist; this server serves {served}",
+        type="not_found_error",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _params(
-    state: ServerState, req, n_prompt: int, choice: int = 0, prompt_logprobs=None
+    state: ServerState, req, n_prompt: int, choice: int = 0, prompt_logprobs=None, adapter=None
 ) -> GenParams:
     ctx = state.backend.context_length
     budget = req.token_budget()
@@ -249,6 +254,7 @@ def _params(
         logprobs=req.logprobs_k(),
         prompt_logprobs=prompt_logprobs,
         constraint=constraint,
+        adapter=adapter,
     )
 
 
@@ -296,23 +302,35 @@ def _check_token_ids(state: ServerState, ids, param: str) -> None:
 
 async def list_models(request: Request) -> JSONResponse:
     state = _state(request)
-    return JSONResponse(ModelList(data=[_card(state)]).model_dump())
+    cards = [_card(state, None), *(_card(state, name) for name in state.adapters)]
+    return JSONResponse(ModelList(data=cards).model_dump())
 
 
 async def get_model(request: Request) -> JSONResponse:
     state = _state(request)
-    _check_model(state, request.path_params["model"])
-    return JSONResponse(_card(state).model_dump())
+    adapter = _check_model(state, request.path_params["model"])
+    return JSONResponse(_card(state, adapter).model_dump())
 
 
-def _card(state: ServerState) -> ModelCard:
-    return ModelCard(id=state.model_id, max_model_len=state.backend.context_length, polm=state.card)
+def _card(state: ServerState, adapter: str | None) -> ModelCard:
+    """The base's card, or an adapter's: its lineage, and the base as its ``parent`` (as vLLM
+    lists LoRA adapters)."""
+    ctx = state.backend.context_length
+    if adapter is None:
+        return ModelCard(id=state.model_id, max_model_len=ctx, polm=state.card)
+    return ModelCard(
+        id=adapter,
+        max_model_len=ctx,
+        root=state.model_id,
+        parent=state.model_id,
+        polm=state.adapters[adapter],
+    )
 
 
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     req = ChatCompletionRequest.model_validate(await _json(request))
-    _check_model(state, req.model)
+    adapter = _check_model(state, req.model)
     _check_constraint(req)
     tools = req.active_tools()
     if tools and not template_writes_calls(state.backend.chat_template):
@@ -324,7 +342,7 @@ async def chat_completions(request: Request) -> Response:
         )
     messages = [m.for_template() for m in req.messages]
     ids = state.backend.encode(state.backend.render_chat(messages, tools))
-    params = [_params(state, req, len(ids), i) for i in range(req.n)]
+    params = [_params(state, req, len(ids), i, adapter=adapter) for i in range(req.n)]
     rid = new_id("chatcmpl")
     names = TokenNames(state.backend)
     if req.stream:
@@ -357,7 +375,7 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     state = _state(request)
     req = CompletionRequest.model_validate(await _json(request))
-    _check_model(state, req.model)
+    adapter = _check_model(state, req.model)
     prompts = []  # (token ids, the text echo returns)
     for k, prompt in enumerate(req.prompts()):
         param = "prompt" if len(req.prompts()) == 1 else f"prompt.{k}"
@@ -372,7 +390,7 @@ async def completions(request: Request) -> Response:
     # echo with logprobs: the prompt's tokens are scored too (lm-evaluation-harness's loglikelihood)
     scored = req.logprobs if req.echo else None
     jobs = [
-        (ids, echo, _params(state, req, len(ids), i, scored))
+        (ids, echo, _params(state, req, len(ids), i, scored, adapter))
         for ids, echo in prompts
         for i in range(req.n)
     ]

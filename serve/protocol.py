@@ -349,6 +349,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "polm"
+    root: str | None = None
+    parent: str | None = None  # an adapter's base model
     max_model_len: int
     polm: dict[str, Any] = Field(default_factory=dict, description="format, backend, lineage")
 

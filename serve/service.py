@@ -11,7 +11,9 @@ llamacpp, vllm), ``served_model_name`` (default: the checkpoint directory's name
 no ``max_tokens``: the rest of the context, at most this; default 1024), ``timeout_s``
 (BentoML's request timeout, default 600), ``api_key`` (comma-separated keys that every
 ``/v1`` route then requires as ``Authorization: Bearer``; or ``api_key_file``, one key a
-line), ``bento_model`` (a BentoML model holding the
+line), ``adapters`` (``NAME=DIR,NAME=DIR``: LoRA ``peft-adapter`` checkpoints of this very
+base, each served under its own ``model`` name; transformers backend), ``bento_model`` (a
+BentoML model holding the
 checkpoint: what ``polm package bento`` builds into a bento, used when ``model`` is not given).
 
 ``/metrics`` serves BentoML's request metrics and polm's generation series
@@ -33,7 +35,7 @@ from pydantic import BaseModel, Field
 
 from serve.app import build_app
 from serve.metrics import ServeMetrics
-from serve.state import ServerState, load_state
+from serve.state import ServerState, load_state, parse_adapters
 
 log = logging.getLogger("polm.serve")
 
@@ -50,6 +52,9 @@ class ServeArgs(BaseModel):
         None, description="API keys (comma-separated) every /v1 route requires as a Bearer token"
     )
     api_key_file: str | None = Field(None, description="a file of API keys, one per line")
+    adapters: str | None = Field(
+        None, description="LoRA adapters served by name beside the base: NAME=DIR,NAME=DIR"
+    )
     bento_model: str | None = Field(
         None, description="the BentoML model holding the checkpoint (polm package bento sets it)"
     )
@@ -103,7 +108,13 @@ class Polm:
 
             model, packed_name, lineage = packed_checkpoint(ARGS.bento_model)
             name = name or packed_name
-        load_state(self.state, model, ARGS.backend, name, lineage)
+        try:
+            adapters = parse_adapters(ARGS.adapters)
+        except Exception as e:  # a malformed spec: a failed load, answered 503, logged
+            log.exception("adapters")
+            self.state.failed = str(e)
+            return
+        load_state(self.state, model, ARGS.backend, name, lineage, adapters)
 
     def __is_ready__(self) -> bool:
         return self.state.ready

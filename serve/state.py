@@ -27,6 +27,7 @@ class ServerState:
     # a request without max_tokens gets the rest of the context, up to this many tokens
     default_max_tokens: int = 1024
     metrics: Any = None  # serve.metrics.ServeMetrics, when the server reports /metrics
+    adapters: dict = field(default_factory=dict)  # served name -> its card (LoRA by name)
 
 
 def load_state(
@@ -35,16 +36,22 @@ def load_state(
     backend: str = "auto",
     served_model_name: str | None = None,
     lineage: list[dict] | None = None,
+    adapters: dict[str, str] | None = None,
 ) -> ServerState:
     """Open the checkpoint, load it on its backend, warm it up, then mark ``state`` ready; on
     failure record why (the routes answer 503 with it, the log has the traceback).
-    ``lineage``: the model card's lineage when the parents are not on disk (a bento's)."""
+    ``lineage``: the model card's lineage when the parents are not on disk (a bento's).
+    ``adapters``: served name -> a ``peft-adapter`` checkpoint trained on this very base (its
+    manifest's parent hash is the base's), each served under its own name."""
     try:
         from polm.checkpoint import Checkpoint
         from serve.backends import GenParams, open_backend
 
         ckpt = Checkpoint.open(model or default_model())
+        named = check_adapters(ckpt, adapters or {})
         engine = open_backend(ckpt, backend)
+        if named:
+            engine.add_adapters({name: a.path for name, a in named.items()})
         _warm_up(engine, GenParams(max_tokens=4, temperature=0))
         state.card = {
             "format": ckpt.format,
@@ -53,6 +60,15 @@ def load_state(
             "lineage": lineage if lineage is not None else lineage_records(ckpt),
         }
         state.model_id = served_model_name or ckpt.path.name
+        state.adapters = {
+            name: {
+                "format": a.format,
+                "backend": engine.name,
+                "stage": a.stage,
+                "lineage": lineage_records(a),
+            }
+            for name, a in named.items()
+        }
         state.backend = engine
         state.ready = True
         log.info("serving %s on %s", ckpt.path, engine.name)
@@ -60,6 +76,47 @@ def load_state(
         log.exception("loading the model failed")
         state.failed = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
     return state
+
+
+def parse_adapters(spec: str | None) -> dict[str, str]:
+    """``a=DIR,b=DIR`` (``--arg adapters=...``, ``POLM_ADAPTERS``) as {name: directory}."""
+    from polm.errors import PolmError
+
+    out: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise PolmError(f"adapters: {item!r} is not NAME=DIR")
+        if name in out:
+            raise PolmError(f"adapters: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def check_adapters(base, adapters: dict[str, str]) -> dict:
+    """Open each adapter and check it belongs on ``base``: a ``peft-adapter`` checkpoint whose
+    parent is this base, byte for byte (its content hash); else a PolmError naming both."""
+    from polm.checkpoint import Checkpoint
+    from polm.errors import PolmError
+
+    out = {}
+    for name, path in adapters.items():
+        a = Checkpoint.open(path)
+        if a.format != "peft-adapter":
+            raise PolmError(f"adapter {name!r} ({a.path}) is a {a.format!r} checkpoint, not a "
+                            "peft-adapter")  # fmt: skip
+        parent = a.manifest.parents[0].content_hash if a.manifest.parents else None
+        if parent != base.manifest.content_hash:
+            raise PolmError(
+                f"adapter {name!r} ({a.path}) was trained on a base with content hash "
+                f"{(parent or 'none')[:12]}, but the served base {base.path} is "
+                f"{base.manifest.content_hash[:12]}: serve it on its own base"
+            )
+        out[name] = a
+    return out
 
 
 def _warm_up(backend, params) -> None:

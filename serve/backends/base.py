@@ -27,6 +27,7 @@ class GenParams:
     prompt_logprobs: int | None = None  # the same for every prompt token (echo)
     # decoding held to a grammar: ("json_schema", schema) or ("lark", llguidance Lark text)
     constraint: tuple | None = None
+    adapter: str | None = None  # a LoRA adapter served by name, None for the base
 
     def plain_greedy(self) -> bool:
         """Greedy with nothing to adjust or report: an argmax over the raw logits is enough."""
@@ -156,6 +157,12 @@ class Backend:
 
     def generate(self, prompt_ids: list[int], params: GenParams) -> AsyncIterator[Piece]:
         raise NotImplementedError
+
+    def add_adapters(self, adapters: dict) -> None:
+        """Serve these LoRA adapters (name -> directory) beside the base, picked per request."""
+        from polm.errors import PolmError
+
+        raise PolmError(f"the {self.name} backend serves no adapters by name (transformers does)")
 
     def close(self) -> None:
         pass

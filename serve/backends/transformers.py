@@ -46,6 +46,7 @@ class TransformersBackend(TokenBackend):
         if self.pad_id is None:
             self.pad_id = min(self.eos)
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.adapters: set[str] = set()
         self.stats = {"batches": 0, "requests": 0, "max_rows": 0}  # what batching achieved
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.worker = threading.Thread(target=self._serve, name="polm-transformers", daemon=True)
@@ -66,6 +67,29 @@ class TransformersBackend(TokenBackend):
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
+
+    def add_adapters(self, adapters: dict) -> None:
+        """PEFT's LoRA adapters on the base, one per name; a batch mixes them row by row
+        (PEFT's ``adapter_names``: each row through its own adapter, or none for the base)."""
+        import json
+
+        from peft import PeftModel
+
+        from polm.errors import PolmError
+
+        for name, path in adapters.items():
+            kind = json.loads((path / "adapter_config.json").read_text()).get("peft_type")
+            if kind != "LORA":
+                raise PolmError(f"adapter {name!r} is {kind}: only LoRA adapters are served "
+                                "by name (a batch mixes them row by row)")  # fmt: skip
+        model = None
+        for name, path in adapters.items():
+            if model is None:
+                model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            else:
+                model.load_adapter(path, adapter_name=name)
+        self.model = model.eval()
+        self.adapters = set(adapters)
 
     def _guide_tokenizer(self):
         from llguidance import LLTokenizer
@@ -130,12 +154,18 @@ class TransformersBackend(TokenBackend):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
+        routes = [j.params.adapter or "__base__" for j in batch]  # PEFT's name for the base
+
+        def extra(rows: list[int]) -> dict:
+            return {"adapter_names": [routes[b] for b in rows]} if self.adapters else {}
+
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
             past_key_values=cache,
             use_cache=True,
+            **extra(list(range(len(batch)))),
         )
         last, events = out.logits[:, -1, :], []
         for i, j in enumerate(batch):
@@ -188,6 +218,7 @@ class TransformersBackend(TokenBackend):
                 position_ids=pos,
                 past_key_values=cache,
                 use_cache=True,
+                **extra(live),
             )
             last = out.logits[:, -1, :]
 
