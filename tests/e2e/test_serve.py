@@ -239,6 +239,71 @@ def test_content_parts_and_the_developer_role_read_as_text_and_system(server):
         )
 
 
+def test_what_clients_send_works_on_a_real_server(server, tokenizer):
+    """Each client-side feature once, through the official client on `bentoml serve` (the
+    in-process suite, tests/serve/test_sampling.py and test_tools.py, holds them in depth)."""
+    c, model = server.client, server.model
+    small = {"type": "integer", "minimum": 0, "maximum": 99}
+    add_tool = {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": small, "b": small},
+                "required": ["a", "b"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    # log-probs, streamed and not, and n choices with a seed
+    r = c.chat.completions.create(
+        model=model, messages=MSG, temperature=0, max_tokens=8, logprobs=True, top_logprobs=2
+    )
+    lps = r.choices[0].logprobs.content
+    assert lps and "".join(t.token for t in lps) == r.choices[0].message.content
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5) for t in lps)
+    kw = dict(model=model, messages=MSG, temperature=1.0, max_tokens=8, n=3, seed=5)
+    a, b = c.chat.completions.create(**kw), c.chat.completions.create(**kw)
+    assert [x.message.content for x in a.choices] == [x.message.content for x in b.choices]
+    assert [x.index for x in a.choices] == [0, 1, 2]
+    # lm-evaluation-harness's log-likelihood request: token ids, echo, max_tokens 0
+    ids = tokenizer("reverse abc", add_special_tokens=False)["input_ids"]
+    e = c.completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=0)
+    assert len(e.choices[0].logprobs.token_logprobs) == len(ids)
+    assert e.choices[0].logprobs.token_logprobs[0] is None
+    # structured output
+    schema = {
+        "type": "object",
+        "properties": {"word": {"enum": ["cba", "abc"]}, "n": {"type": "integer", "maximum": 9}},
+        "required": ["word", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}
+    j = c.chat.completions.create(
+        model=model, messages=MSG, response_format=fmt, temperature=0, max_tokens=40
+    )
+    doc = json.loads(j.choices[0].message.content)
+    assert doc["word"] in ("cba", "abc") and type(doc["n"]) is int and doc["n"] <= 9
+    # a required tool call, streamed, from a model that never saw a tool
+    stream = c.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "sum 1 2"}],
+        tools=[add_tool],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=120,
+        stream=True,
+    )
+    calls, reasons = [], []
+    for chunk in stream:
+        for ch in chunk.choices:
+            calls += ch.delta.tool_calls or []
+            reasons += [ch.finish_reason] if ch.finish_reason else []
+    assert reasons == ["tool_calls"] and [x.function.name for x in calls] == ["add"]
+    assert set(json.loads(calls[0].function.arguments)) == {"a", "b"}
+
+
 KEYS = "key-one,key-two"  # the capped server's API keys
 AUTH = {"Authorization": "Bearer key-two"}
 

@@ -286,3 +286,143 @@ def test_json_schema_answers_parse_and_validate(served):
                   temperature=1.0, max_tokens=96))  # fmt: skip
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_top_logprobs_are_the_models_own_log_softmax(add_sft):
+    """Transformers backend: every token's log-prob and its top 5 alternatives equal the
+    log-softmax of the model's own logits (one forward pass over prompt + answer) within 1e-4."""
+    import torch
+
+    from polm.loading import load_model
+
+    state = load_state(ServerState(), str(add_sft.path))
+    try:
+        r = run(_chat(state, ADD[2].prompt, temperature=0, max_tokens=16, logprobs=True,
+                      top_logprobs=5))  # fmt: skip
+        content = r.choices[0].logprobs.content
+        prompt = state.backend.encode(
+            state.backend.render_chat([{"role": "user", "content": ADD[2].prompt}])
+        )
+    finally:
+        state.backend.close()
+    model, tok = load_model(add_sft)
+    ids = list(prompt)
+    with torch.no_grad():
+        for t in content:  # the greedy tokens, one at a time: the served ones by their text
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            lp = torch.log_softmax(logits, -1)
+            top = torch.topk(lp, 5)
+            chosen = int(top.indices[0])  # greedy: the most likely token
+            assert tok.decode([chosen]) == t.token
+            assert t.logprob == pytest.approx(float(lp[chosen]), abs=1e-4)
+            assert [x.logprob for x in t.top_logprobs] == pytest.approx(
+                top.values.tolist(), abs=1e-4
+            )
+            # special tokens read as the content does: empty (skip_special_tokens)
+            names = [tok.decode([int(i)], skip_special_tokens=True) for i in top.indices]
+            assert [x.token for x in t.top_logprobs] == names
+            ids.append(chosen)
+
+
+SCHEMAS = [
+    {  # nested objects, an integer range
+        "type": "object",
+        "properties": {
+            "point": {
+                "type": "object",
+                "properties": {
+                    "x": {"type": "integer", "minimum": -50, "maximum": 50},
+                    "y": {"type": "integer", "minimum": 0, "maximum": 9},
+                },
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            },
+            "label": {"type": "string", "maxLength": 6},
+        },
+        "required": ["point", "label"],
+        "additionalProperties": False,
+    },
+    {  # enums
+        "type": "object",
+        "properties": {
+            "answer": {"enum": ["more", "less", "same"]},
+            "sure": {"type": "boolean"},
+        },
+        "required": ["answer", "sure"],
+        "additionalProperties": False,
+    },
+    {  # an array of bounded integers
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 999},
+        "minItems": 1,
+        "maxItems": 4,
+    },
+    {  # an array of objects
+        "type": "object",
+        "properties": {
+            "steps": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"digit": {"type": "integer", "minimum": 0, "maximum": 9}},
+                    "required": ["digit"],
+                    "additionalProperties": False,
+                },
+                "maxItems": 3,
+            }
+        },
+        "required": ["steps"],
+        "additionalProperties": False,
+    },
+    {  # a number and a nullable string
+        "type": "object",
+        "properties": {
+            "total": {"type": "number", "minimum": 0, "maximum": 2000},
+            "note": {"type": ["string", "null"], "maxLength": 5},
+        },
+        "required": ["total", "note"],
+        "additionalProperties": False,
+    },
+]
+
+
+def test_two_hundred_schema_answers_parse_and_validate(served):
+    """5 schemas x 20 prompts x temperatures 0 and 1, all sent at once: every answer ends by
+    itself, parses and validates (jsonschema)."""
+    import jsonschema
+
+    prompts = [ex.prompt for ex in get_task("add").examples("test", 10)]
+    prompts += [ex.prompt for ex in get_task("compare").examples("test", 10)]
+    c = app_client(served)
+    slots = asyncio.Semaphore(32)  # the server's default concurrency cap
+
+    async def one(schema, prompt, temperature, seed):
+        fmt = {
+            "type": "json_schema",
+            "json_schema": {"name": "s", "schema": schema, "strict": True},
+        }
+        async with slots:
+            r = await c.chat.completions.create(
+                model=served.model_id,
+                messages=[{"role": "user", "content": prompt}],
+                response_format=fmt,
+                temperature=temperature,
+                seed=seed,
+                max_tokens=160,
+            )
+        return schema, r.choices[0]
+
+    async def everything():
+        jobs = [
+            one(schema, p, temperature, seed)
+            for schema in SCHEMAS
+            for seed, p in enumerate(prompts)
+            for temperature in (0, 1.0)
+        ]
+        return await asyncio.gather(*jobs)
+
+    done = run(everything())
+    assert len(done) == 200
+    for schema, choice in done:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
