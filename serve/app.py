@@ -376,9 +376,10 @@ async def completions(request: Request) -> Response:
     state = _state(request)
     req = CompletionRequest.model_validate(await _json(request))
     adapter = _check_model(state, req.model)
-    prompts = []  # (token ids, the text echo returns)
-    for k, prompt in enumerate(req.prompts()):
-        param = "prompt" if len(req.prompts()) == 1 else f"prompt.{k}"
+    prompts = []  # (token ids, the text echo returns: "" without echo)
+    given = req.prompts()
+    for k, prompt in enumerate(given):
+        param = "prompt" if len(given) == 1 else f"prompt.{k}"
         if isinstance(prompt, str):
             ids = state.backend.encode(prompt)
             if not ids:
@@ -386,7 +387,10 @@ async def completions(request: Request) -> Response:
         else:
             _check_token_ids(state, prompt, param)
             ids = prompt
-        prompts.append((ids, prompt if isinstance(prompt, str) else None))
+        echo = (
+            (prompt if isinstance(prompt, str) else state.backend.decode(ids)) if req.echo else ""
+        )
+        prompts.append((ids, echo))
     # echo with logprobs: the prompt's tokens are scored too (lm-evaluation-harness's loglikelihood)
     scored = req.logprobs if req.echo else None
     jobs = [
@@ -403,12 +407,11 @@ async def completions(request: Request) -> Response:
     done = await asyncio.gather(*(_collect(state, ids, p) for ids, _, p in jobs))
     choices = []
     for i, ((ids, echo, _), r) in enumerate(zip(jobs, done)):
-        head = (echo if echo is not None else state.backend.decode(ids)) if req.echo else ""
         lps = names.completion(ids if req.echo else [], r.prompt_logprobs, r.logprobs)
         choices.append(
             TextChoice(
                 index=i,
-                text=head + r.text,
+                text=echo + r.text,
                 finish_reason=r.reason,
                 logprobs=lps if want else None,
             )
@@ -623,17 +626,15 @@ async def _text_chunks(state, rid, jobs, prompts, usage: bool, names, req):
     async def one(i: int, ids, echo, p: GenParams):
         offset = 0
         if req.echo and p.prompt_logprobs is None:  # the prompt first, unscored
-            head = echo if echo is not None else state.backend.decode(ids)
             lps = names.completion(ids, None, []) if want else None
-            yield chunk(i, head, lps=lps)
-            offset = len(head)
+            yield chunk(i, echo, lps=lps)
+            offset = len(echo)
         scored = p.prompt_logprobs is not None  # then the first piece is the prompt's
         async for piece in _generate(state, ids, p):
             if scored:
                 scored = False
-                head = echo if echo is not None else state.backend.decode(ids)
-                yield chunk(i, head, lps=names.completion(ids, piece.logprobs, []))
-                offset = len(head)
+                yield chunk(i, echo, lps=names.completion(ids, piece.logprobs, []))
+                offset = len(echo)
                 continue
             lps = names.completion([], None, piece.logprobs, offset) if want else None
             if piece.text or piece.finish_reason or (lps and lps.tokens):

@@ -40,6 +40,7 @@ class OnnxBackend(TokenBackend):
         self.context_length = self.lm.context_length
         self.vocab_size = self.lm.vocab_size
         self.chat_template = _template(self.path)
+        self.bos_text, self.eos_text = _special_tokens(self.path)  # read once, not per request
         self.eos = self.lm.eos
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="polm-onnx")
 
@@ -50,8 +51,7 @@ class OnnxBackend(TokenBackend):
             )
         from polm.tokenizer import render_template
 
-        bos, eos = _special_tokens(self.path)
-        return render_template(self.chat_template, messages, tools, bos, eos)
+        return render_template(self.chat_template, messages, tools, self.bos_text, self.eos_text)
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
