@@ -45,7 +45,7 @@ from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
 from polm.precision import Bf16
 from polm.stage import DataSettings, Prompt, left_padded_positions, load_prompts, policy_and_reward
-from polm.training import TRAIN_LOG
+from polm.training import TRAIN_LOG, short_sequences_attend_in_math
 
 STAGE = "align.ppo"
 
@@ -471,7 +471,8 @@ def run(inputs: list[Checkpoint], settings: PPOSettings, out: Path) -> Checkpoin
             rewards = masked_whiten(rewards, r.mask, shift_mean=False)
         advantages, returns = gae(rewards, r.values, r.mask, s.gamma, s.lam)
         advantages = masked_whiten(advantages, r.mask)
-        stats = ppo_step(policy, optimizer, scheduler, r, advantages, returns, s)
+        with short_sequences_attend_in_math():
+            stats = ppo_step(policy, optimizer, scheduler, r, advantages, returns, s)
         seq_kl = float(r.sequence_kl().mean())
         entry = {
             "step": step,

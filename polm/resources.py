@@ -49,9 +49,18 @@ def drop_stored_tracebacks() -> int:
 
 
 def release_free_memory() -> None:
-    """Collect garbage and hand the allocator's free memory back to the OS (glibc)."""
+    """Collect garbage and hand the allocator's free memory back to the OS (glibc).
+
+    What survives the collection is then frozen (``gc.freeze``): it is mostly the libraries'
+    modules, classes and functions (about 600,000 objects once a stage has imported TRL), which
+    every later collection would walk again for nothing. A full collection took 0.35-0.45 s in
+    a `polm run` that way, twice per stage: 10 s of a 37 s merge recipe (measured, AMD EPYC).
+    Frozen objects are still freed when their last reference goes; only a reference cycle among
+    them would wait for ``gc.unfreeze``. A stage's model and trainer are made after the freeze,
+    so the next collection still finds them."""
     drop_stored_tracebacks()
     gc.collect()
+    gc.freeze()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

@@ -16,6 +16,16 @@ if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 
 
+def pytest_runtest_setup(item):
+    """Collect the last test's garbage, then freeze what is left (modules, session fixtures):
+    Python's collector walks every tracked object on a full collection, and a worker holds
+    about a million once the libraries are imported (see polm.resources.release_free_memory)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -55,3 +55,20 @@ def test_an_exception_a_module_keeps_no_longer_keeps_its_callers_alive(monkeypat
     release_free_memory()
     assert ref() is None
     assert isinstance(module._IMPORT_ERROR, ImportError)  # still there to re-raise
+
+
+def test_what_survives_is_frozen_and_later_cycles_are_still_collected():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    release_free_memory()
+    assert gc.get_freeze_count() > 10_000  # the libraries' objects: not walked again
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle made after the freeze
+    alive = weakref.ref(a)
+    del a, b
+    release_free_memory()
+    assert alive() is None

@@ -62,3 +62,39 @@ def test_trainer_kwargs_reach_the_trainer_config_and_cannot_shadow_settings(tmp_
         trainer_args(SFTSettings(task="add", trainer_kwargs={"use_cpu": False}), tmp_path)
     with pytest.raises(ValueError, match="no trainer for trainer_kwargs"):
         PPOSettings(task="add", trainer_kwargs={"adam_beta2": 0.99})
+
+
+def _grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_short_bf16_sequences_train_through_the_math_kernel_and_sdpa_is_put_back():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    from polm.training import short_sequences_attend_in_math
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(vocab_size=384))
+    assert model.config._attn_implementation == "sdpa"
+    default = AttentionInterface._global_mapping["sdpa"]
+    ids = torch.randint(3, 384, (8, 48))
+    fused = _grads(model, ids)
+    with sdpa_kernel(SDPBackend.MATH):
+        math = _grads(model, ids)
+    assert any(not torch.equal(a, b) for a, b in zip(fused, math))  # the kernels differ
+    with short_sequences_attend_in_math():
+        assert AttentionInterface._global_mapping["sdpa"] is not default
+        chosen = _grads(model, ids)
+    assert all(torch.equal(a, b) for a, b in zip(chosen, math))  # bit for bit the math kernel
+    assert AttentionInterface._global_mapping["sdpa"] is default
+    with short_sequences_attend_in_math():  # fp32 keeps SDPA's own choice
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        fp32 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(fp32, model.parameters()))

@@ -374,10 +374,11 @@ SCHEMAS = [
         "required": ["steps"],
         "additionalProperties": False,
     },
-    {  # a number and a nullable string
+    {  # a number and a nullable string (a plain "number" lets a tiny model at temperature 1
+        # write decimals until max_tokens: "60.41080060105001100..."; multipleOf bounds them)
         "type": "object",
         "properties": {
-            "total": {"type": "number", "minimum": 0, "maximum": 2000},
+            "total": {"type": "number", "minimum": 0, "maximum": 2000, "multipleOf": 0.25},
             "note": {"type": ["string", "null"], "maxLength": 5},
         },
         "required": ["total", "note"],
