@@ -191,22 +191,16 @@ def short_sequences_attend_in_math():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    mapping = AttentionInterface._global_mapping
-    default = mapping.get("sdpa")
+    default = AttentionInterface._global_mapping.get("sdpa")
 
     def attend(module, query, *args, **kwargs):
         bf16 = query.dtype == torch.bfloat16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
-        if (
-            bf16
-            and query.device.type == "cpu"
-            and query.shape[-2] <= SHORT_ATTENTION
-            and torch.is_grad_enabled()
-        ):
-            with sdpa_kernel(SDPBackend.MATH):
-                return sdpa_attention_forward(module, query, *args, **kwargs)
-        return sdpa_attention_forward(module, query, *args, **kwargs)
+        short = query.device.type == "cpu" and query.shape[-2] <= SHORT_ATTENTION
+        math = bf16 and short and torch.is_grad_enabled()
+        with sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext():
+            return sdpa_attention_forward(module, query, *args, **kwargs)
 
     if default is not sdpa_attention_forward:  # someone else's attention: leave it be
         yield
