@@ -33,7 +33,7 @@ NOISE = (
 def _polm(*args, cwd):
     """The CLI as a user runs it: tqdm's bars not turned off from outside."""
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    return polm_cli(*args, cwd=cwd, timeout=900, env=env)
+    return polm_cli(*args, cwd=cwd, timeout=900, env=env, fresh=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,12 @@ import shutil
 import pytest
 import yaml
 
-from tests.helpers import polm_cli
+from tests import helpers
+
+
+def polm_cli(*args, **kw):
+    """`polm` from a cold start, as a user runs it: these tests read everything it prints."""
+    return helpers.polm_cli(*args, fresh=True, **kw)
 
 
 def _recipe(tmp_path, **stage_changes):
