@@ -12,7 +12,7 @@ LLAMA_STAMP := $(VENV)/.llamacpp-$(LLAMA_CPP_PYTHON)
 # two jobs: llama.cpp compiles while the dependencies install (make test, make bench)
 MAKEFLAGS += -j2
 
-.PHONY: setup llamacpp demo test lint clean bench bench-serve
+.PHONY: setup llamacpp demo test test-durations lint clean bench bench-serve
 
 setup: $(STAMP)
 
@@ -61,9 +61,16 @@ $(LLAMA_STAMP): $(STAMP) $(LLAMA_WHEEL)
 demo: setup
 	$(BIN)/polm run recipes/quickstart.yaml
 
+# whole test files to two workers, longest first (tests/durations.json; see tests/conftest.py)
+PYTEST_XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: setup $(LLAMA_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST)
+
+# the suite, then each file's seconds into tests/durations.json (the order make test runs them in)
+test-durations: setup $(LLAMA_STAMP)
+	POLM_TEST_DURATIONS=1 $(BIN)/python -m pytest -q $(PYTEST_XDIST)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,49 @@ def pytest_runtest_setup(item):
     gc.freeze()
 
 
+# Seconds each test file took in a `make test` run, longest first (pytest-xdist hands out whole
+# files, `--no-loadscope-reorder` in the order collected): started last, a long file is the
+# run's tail on one worker while the other waits. Rewritten by `make test-durations`; a file
+# not listed counts as a short one.
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def _longest_files_first(items):
+    import json
+
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    first_seen = {}
+    for item in items:
+        first_seen.setdefault(item.nodeid.split("::")[0], len(first_seen))
+    items.sort(key=lambda item: (-seconds.get(f := item.nodeid.split("::")[0], 0), first_seen[f]))
+
+
+def pytest_runtest_logreport(report):
+    """With POLM_TEST_DURATIONS set, add up each file's seconds (see DURATIONS)."""
+    if os.environ.get("POLM_TEST_DURATIONS"):
+        file = report.nodeid.split("::")[0]
+        _DURATIONS[file] = _DURATIONS.get(file, 0.0) + report.duration
+
+
+_DURATIONS: dict[str, float] = {}
+
+
+def pytest_sessionfinish(session):
+    if (
+        os.environ.get("POLM_TEST_DURATIONS")
+        and _DURATIONS
+        and not os.environ.get("PYTEST_XDIST_WORKER")
+    ):
+        import json
+
+        ranked = dict(
+            sorted(((f, round(s, 1)) for f, s in _DURATIONS.items()), key=lambda x: -x[1])
+        )
+        DURATIONS.write_text(json.dumps(ranked, indent=1) + "\n")
+
+
 def pytest_collection_modifyitems(config, items):
+    _longest_files_first(items)
     try:
         import torch
 
