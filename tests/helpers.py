@@ -84,9 +84,9 @@ def _forkserver():
 
         _FORKSERVER = multiprocessing.get_context("forkserver")
         _FORKSERVER.set_forkserver_preload(["tests.cli_preload"])
-        # the server imports the preload module from its working directory (Python 3.11's
-        # server sets no sys.path before it preloads): start it in the repository
-        # in the environment a command gets by default (import-time reads see that)
+        # Start the server in the repository, since Python 3.11's server imports the preload
+        # module from its working directory (it sets no sys.path first), and with the
+        # environment a command gets by default, which is what its imports read.
         here, tqdm = os.getcwd(), os.environ.get("TQDM_DISABLE")
         os.chdir(REPO)
         os.environ["TQDM_DISABLE"] = "1"
