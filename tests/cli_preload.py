@@ -16,9 +16,6 @@ with warnings.catch_warnings():
     import mergekit.merge  # noqa: F401
     import onnxruntime  # noqa: F401
     import peft  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTTrainer  # noqa: F401
 

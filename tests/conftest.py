@@ -32,40 +32,33 @@ def pytest_runtest_setup(item):
 # run's tail on one worker while the other waits. Rewritten by `make test-durations`; a file
 # not listed counts as a short one.
 DURATIONS = Path(__file__).with_name("durations.json")
+_MEASURED: dict[str, float] = {}  # each file's seconds in this run, with POLM_TEST_DURATIONS
+
+
+def _file(nodeid: str) -> str:
+    return nodeid.split("::")[0]
 
 
 def _longest_files_first(items):
+    """Reorder whole files (a stable sort keeps each file's tests, and ties, as collected)."""
     import json
 
     seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
-    first_seen = {}
-    for item in items:
-        first_seen.setdefault(item.nodeid.split("::")[0], len(first_seen))
-    items.sort(key=lambda item: (-seconds.get(f := item.nodeid.split("::")[0], 0), first_seen[f]))
+    items.sort(key=lambda item: -seconds.get(_file(item.nodeid), 0))
 
 
 def pytest_runtest_logreport(report):
-    """With POLM_TEST_DURATIONS set, add up each file's seconds (see DURATIONS)."""
     if os.environ.get("POLM_TEST_DURATIONS"):
-        file = report.nodeid.split("::")[0]
-        _DURATIONS[file] = _DURATIONS.get(file, 0.0) + report.duration
-
-
-_DURATIONS: dict[str, float] = {}
+        _MEASURED[_file(report.nodeid)] = _MEASURED.get(_file(report.nodeid), 0.0) + report.duration
 
 
 def pytest_sessionfinish(session):
-    if (
-        os.environ.get("POLM_TEST_DURATIONS")
-        and _DURATIONS
-        and not os.environ.get("PYTEST_XDIST_WORKER")
-    ):
+    """With POLM_TEST_DURATIONS set, the controller writes DURATIONS from this run."""
+    if _MEASURED and not os.environ.get("PYTEST_XDIST_WORKER"):
         import json
 
-        ranked = dict(
-            sorted(((f, round(s, 1)) for f, s in _DURATIONS.items()), key=lambda x: -x[1])
-        )
-        DURATIONS.write_text(json.dumps(ranked, indent=1) + "\n")
+        ranked = sorted(_MEASURED.items(), key=lambda fs: -fs[1])
+        DURATIONS.write_text(json.dumps({f: round(s, 1) for f, s in ranked}, indent=1) + "\n")
 
 
 def pytest_collection_modifyitems(config, items):

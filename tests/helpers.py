@@ -101,9 +101,7 @@ def _forkserver():
 
 def _cli_child(args: list[str], cwd: str, env: dict, out: str, err: str) -> None:
     """`python -m polm.cli ARGS` in a process forked from the preloaded server."""
-    sys.stdout.flush()  # what the server left in its buffers is not this command's output
-    sys.stderr.flush()
-    os.chdir(cwd)
+    os.chdir(cwd)  # (the server flushed what its imports printed: tests/cli_preload.py)
     os.environ.clear()
     os.environ.update(env)
     for fd, path in ((1, out), (2, err)):
