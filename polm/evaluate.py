@@ -282,12 +282,16 @@ def _padded(seqs: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device)
 
 
-def completion_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 128) -> list[float]:
-    """Summed log-probability of each chosen and rejected completion, interleaved."""
+def completion_token_logprobs(
+    model, tokenizer, rows: list[dict], batch_size: int = 128, keys: tuple[str, ...] = PAIR
+) -> list[list[float]]:
+    """The log-probability of each token of each row's completions (each of ``keys``, chosen
+    and rejected by default, interleaved), the chat template's closing tokens included: what a
+    server reports as each chosen token's ``logprob``."""
     import torch
 
-    seqs, prompt_lens = _encode_pairs(tokenizer, rows)
-    out: list[float] = []
+    seqs, prompt_lens = _encode_pairs(tokenizer, rows, keys)
+    out: list[list[float]] = []
     batch_size = rows_per_batch(model, max(map(len, seqs), default=1), batch_size)
     for i in range(0, len(seqs), batch_size):
         ids, mask = _padded(seqs[i : i + batch_size], tokenizer.pad_token_id, model.device)
@@ -296,8 +300,13 @@ def completion_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 12
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
         for j, plen in enumerate(prompt_lens[i : i + batch_size]):
             n = int(mask[j].sum())
-            out.append(float(logp[j, plen - 1 : n - 1].sum()))
+            out.append(logp[j, plen - 1 : n - 1].tolist())
     return out
+
+
+def completion_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 128) -> list[float]:
+    """Summed log-probability of each chosen and rejected completion, interleaved."""
+    return [sum(lp) for lp in completion_token_logprobs(model, tokenizer, rows, batch_size)]
 
 
 def preference_accuracy(model, tokenizer, task: str, n: int | None = None) -> dict:

@@ -1,10 +1,11 @@
 """A real `bentoml serve` on 127.0.0.1, driven by the official `openai` client (and raw HTTP
 for what a client library would refuse to send), on the transformers backend (the built-in
 model) and on the llama.cpp one (its f16 GGUF export), each through the same tests: the OpenAI
-routes, usage counts, identical
-greedy answers under concurrency, a table of malformed requests that must all be 4xx with the
-OpenAI error shape, 16 concurrent streams, the concurrency cap's 429, graceful SIGTERM and the
-chat page in headless Chromium."""
+routes, usage counts, identical greedy answers under concurrency, a table of malformed requests
+that must all be 4xx with the OpenAI error shape, 16 concurrent streams, what today's clients
+send (content parts, the developer role, log-probs, n, echo, structured outputs, tool calls;
+also on the ONNX backend), the concurrency cap's 429, API keys, metrics, graceful SIGTERM and
+the chat page in headless Chromium."""
 
 import json
 import os
@@ -205,7 +206,33 @@ def test_the_openai_client_sees_typed_errors(server):
     assert r.status_code == 405 and "error" in r.json()
 
 
+@pytest.fixture(scope="module")
+def onnx_server(onnx_int4, tmp_path_factory):
+    """The ONNX backend (the add SFT's int4 export) for what clients send beyond the basics."""
+    from polm.loading import load_tokenizer
+
+    s = Server(tmp_path_factory.mktemp("onnx"), model=onnx_int4.path)
+    s.backend, s.tokenizer = "onnx", load_tokenizer(onnx_int4.path)
+    yield s
+    s.stop()
+
+
 def test_content_parts_and_the_developer_role_read_as_text_and_system(server):
+    content_parts_and_the_developer_role(server)
+
+
+def test_what_clients_send_works_on_a_real_server(server, tokenizer):
+    what_clients_send(server, tokenizer)
+
+
+def test_what_clients_send_works_on_a_real_onnx_server(onnx_server):
+    card = onnx_server.client.models.list().data[0].model_extra["polm"]
+    assert card["backend"] == "onnx" and card["format"] == "onnx"
+    content_parts_and_the_developer_role(onnx_server)
+    what_clients_send(onnx_server, onnx_server.tokenizer)
+
+
+def content_parts_and_the_developer_role(server):
     """What the official SDK and agent frameworks send: content as a list of text parts, and the
     ``developer`` role for system text; the model reads them as the plain forms."""
     plain = [
@@ -239,7 +266,7 @@ def test_content_parts_and_the_developer_role_read_as_text_and_system(server):
         )
 
 
-def test_what_clients_send_works_on_a_real_server(server, tokenizer):
+def what_clients_send(server, tokenizer):
     """Each client-side feature once, through the official client on `bentoml serve` (the
     in-process suite, tests/serve/test_sampling.py and test_tools.py, holds them in depth)."""
     c, model = server.client, server.model

@@ -48,7 +48,7 @@ def _chat(state, prompt, **kw):
     )
 
 
-def test_chat_logprobs_are_the_greedy_tokens_and_stream_alike(served):
+def test_chat_logprobs_are_the_greedy_tokens_and_stream_alike(served, add_sft):
     prompt = ADD[0].prompt
     r = run(_chat(served, prompt, temperature=0, max_tokens=24, logprobs=True, top_logprobs=3))
     content = r.choices[0].logprobs.content
@@ -81,6 +81,20 @@ def test_chat_logprobs_are_the_greedy_tokens_and_stream_alike(served):
     assert [(t.token, round(t.logprob, 4)) for t in again] == [
         (t.token, round(t.logprob, 4)) for t in content
     ]
+    if served.card["backend"] == "transformers":
+        # each chosen token's log-prob is what `polm eval` computes for the same continuation
+        # (its preference scoring: the chat-rendered prompt + answer through the torch model)
+        from polm.evaluate import completion_token_logprobs
+        from polm.loading import load_model
+
+        model, tok = load_model(add_sft)  # what the transformers backend serves
+        row = {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": r.choices[0].message.content}],
+        }
+        (want,) = completion_token_logprobs(model, tok, [row], keys=("chosen",))
+        assert len(want) > len(content)  # and the template's closing tokens
+        assert [t.logprob for t in content] == pytest.approx(want[: len(content)], abs=1e-4)
     # without logprobs the answer has none
     plain = run(_chat(served, prompt, temperature=0, max_tokens=24))
     assert plain.choices[0].logprobs is None

@@ -120,12 +120,14 @@ def test_a_model_that_learned_tools_calls_one_and_answers_after_its_result(serve
         assert final.message.content.startswith("=> "), final.message.content
 
 
-def test_streamed_calls_are_the_answers_calls(served):
+def test_the_round_trip_streamed_is_the_round_trip_whole(served):
+    """Both turns streamed (the call as deltas, then the answer after the tool's result): each
+    is what the unstreamed request returns."""
     user = [{"role": "user", "content": EXAMPLES[0].prompt}]
-    whole = run(_ask(served, user, tools=[ADD_TOOL])).choices[0].message.tool_calls
+    whole = run(_ask(served, user, tools=[ADD_TOOL])).choices[0].message
 
-    async def streamed():
-        stream = await _ask(served, user, tools=[ADD_TOOL], stream=True)
+    async def streamed(messages, max_tokens=80):
+        stream = await _ask(served, messages, max_tokens, tools=[ADD_TOOL], stream=True)
         calls, reasons, text = [], [], ""
         async for chunk in stream:
             for ch in chunk.choices:
@@ -134,11 +136,32 @@ def test_streamed_calls_are_the_answers_calls(served):
                 reasons += [ch.finish_reason] if ch.finish_reason else []
         return calls, reasons, text
 
-    calls, reasons, text = run(streamed())
+    calls, reasons, text = run(streamed(user))
     assert reasons == ["tool_calls"] and text == ""  # no <tool_call> text leaks as content
     assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [
-        (0, w.function.name, w.function.arguments) for w in whole
+        (0, w.function.name, w.function.arguments) for w in whole.tool_calls
     ]
+    (call,) = calls
+    assert call.id and call.type == "function"
+    # the second turn: the streamed call (as a client assembles it) and the tool's result
+    args = json.loads(call.function.arguments)
+    back = user + [
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": str(args["a"] + args["b"])},
+    ]
+    final = run(_ask(served, back, max_tokens=16, tools=[ADD_TOOL])).choices[0].message
+    calls, reasons, text = run(streamed(back, max_tokens=16))
+    assert reasons == ["stop"] and calls == [] and text == final.content
+    assert text.startswith("=> "), text
 
 
 @pytest.mark.parametrize("choice", ["required", "named"])
