@@ -6,6 +6,15 @@ The builder writes what onnxruntime-genai runs (``model.onnx`` + ``model.onnx.da
 is an ``onnx`` checkpoint that evaluation and serving open through ``polm.onnxrt`` without
 torch. int4 is the builder's block-wise weight-only quantization (``MatMulNBits``).
 
+LoRA slots (``lora_slots``): the builder writes a LoRA adapter into the graph as two extra
+MatMuls per module (``lora_A``, ``lora_B``) with the adapter's weights as constants. polm
+builds with a placeholder adapter of rank 1, keeps those MatMuls out of int4/int8 quantization,
+then turns their weights into graph inputs of any rank whose defaults are zero (the base
+model, exactly), and records which module each input belongs to in ``lora_slots.json``. A
+``peft-adapter`` trained on the parent becomes onnxruntime's adapter format at serving time
+(:func:`polm.onnxrt.write_onnx_adapter`), so that one export serves any number of adapters by
+name, as Olive's ``ExtractAdapters`` pass prepares models for onnxruntime-genai's multi-LoRA.
+
 The parity check decodes the parity prompts greedily with the torch parent and with the export
 and records the share of identical answers, and the largest difference of next-token logits
 after the prompt (for fp32, a check of the graph itself). It runs where the export's execution
@@ -65,6 +74,12 @@ class OnnxSettings(StageSettings):
     extra_options: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
         description="Further builder --extra_options, e.g. {exclude_lm_head: true}.",
+    )
+    lora_slots: list[str] | Literal["all-linear"] | None = Field(
+        default=None,
+        description="Modules (e.g. [q_proj, v_proj], or all-linear) on which the graph takes "
+        "LoRA adapters of any rank at run time: serving then picks a peft-adapter trained on "
+        "the parent by name (onnxruntime-genai Adapters). None: a graph without adapters.",
     )
     task: str | list[str] = Field(
         default=["add", "reverse"], description="Built-in task(s) whose test prompts check parity."
@@ -164,6 +179,9 @@ def streamed_to_nbits(self):
     self.model = ir.load(path)
     self.graph, self.values = self.model.graph, {}  # the last references to the torch weights
     gc.collect()  # the old graph is a web of cycles
+    # LoRA slots stay fp32 MatMuls: their weights are graph inputs an adapter replaces
+    lora = [n.name for n in self.model.graph if "/lora_A/" in n.name or "/lora_B/" in n.name]
+    self.quant_attrs["nodes_to_exclude"] = [*self.quant_attrs["nodes_to_exclude"], *lora]
     here = os.getcwd()
     os.chdir(cache)  # the quantizer resolves external weights against the working directory
     try:
@@ -178,10 +196,12 @@ runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
 """
 
 
-def export(src: Path, dst: Path, s: OnnxSettings) -> None:
-    """Run the model builder on the HF checkpoint ``src`` into ``dst`` (a child process)."""
+def export(src: Path, dst: Path, s: OnnxSettings, adapter: Path | None = None) -> None:
+    """Run the model builder on the HF checkpoint ``src`` into ``dst`` (a child process);
+    ``adapter``: a PEFT LoRA directory the builder writes into the graph."""
     src, dst = src.resolve(), dst.resolve()
     cache = dst.parent / f".{dst.name}.builder-cache"
+    options = s.builder_options() + ([f"adapter_path={adapter.resolve()}"] if adapter else [])
     cmd = [
         sys.executable,
         "-c",
@@ -191,7 +211,7 @@ def export(src: Path, dst: Path, s: OnnxSettings) -> None:
         "-p", s.precision,
         "-e", s.execution_provider,
         "-c", str(cache),
-        "--extra_options", *s.builder_options(),
+        "--extra_options", *options,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     try:
@@ -231,6 +251,83 @@ def parity(parent: Checkpoint, path: Path, s: OnnxSettings) -> dict:
     }
 
 
+def placeholder_adapter(parent: Checkpoint, targets, out: Path) -> list[str]:
+    """A rank-1 PEFT LoRA on ``targets`` of ``parent`` for the builder to write into the graph:
+    module k's ``lora_A`` holds the value k + 1, so that :func:`open_lora_slots` can tell which
+    graph weight belongs to which module whatever the builder names it. Returns the modules."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from polm.loading import load_model
+
+    model, _ = load_model(parent)
+    try:
+        peft = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, target_modules=targets))
+    except ValueError as e:
+        raise PolmError(f"{STAGE}: lora_slots {targets}: {str(e).splitlines()[0]}") from None
+    modules = []
+    with torch.no_grad():
+        for name, module in peft.base_model.model.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                module.lora_A["default"].weight.fill_(len(modules) + 1)
+                modules.append(name)
+    peft.save_pretrained(out)
+    return modules
+
+
+def open_lora_slots(path: Path, modules: list[str]) -> None:
+    """Turn the placeholder's LoRA weights in ``path/model.onnx`` into graph inputs of any rank
+    whose defaults are zero (rank 1), and write ``lora_slots.json``: each module's input names,
+    dtype and shapes (what :func:`polm.onnxrt.write_onnx_adapter` fills)."""
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import external_data_helper, helper, numpy_helper
+
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    slots: dict[str, dict] = {}
+    for name, a in inits.items():
+        if ".lora_A." not in name:
+            continue
+        b = inits.get(name.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            raise PolmError(f"{STAGE}: the graph has {name} but no lora_B beside it")
+        if external_data_helper.uses_external_data(a):
+            external_data_helper.load_external_data_for_tensor(a, str(path))
+        values = np.unique(numpy_helper.to_array(a))
+        k = int(values[0]) - 1 if len(values) == 1 else -1
+        if not 0 <= k < len(modules) or modules[k] in slots:
+            raise PolmError(
+                f"{STAGE}: the builder split or packed a LoRA projection ({name}): this model "
+                "type cannot take adapters at run time; export without lora_slots"
+            )
+        slots[modules[k]] = {
+            "A": name,
+            "B": b.name,
+            "in": int(a.dims[0]),
+            "out": int(b.dims[1]),
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(a.data_type).name,
+        }
+    if len(slots) != len(modules):
+        missing = sorted(set(modules) - set(slots))
+        raise PolmError(f"{STAGE}: the builder wrote no LoRA weights for {missing[:3]}")
+    for i, slot in enumerate(slots.values()):
+        dtype = np.dtype(slot["dtype"])
+        for key, shape, dims in (
+            ("A", (slot["in"], 1), [slot["in"], f"lora_r{i}"]),
+            ("B", (1, slot["out"]), [f"lora_r{i}", slot["out"]]),
+        ):
+            graph.initializer.remove(inits[slot[key]])
+            graph.initializer.append(numpy_helper.from_array(np.zeros(shape, dtype), slot[key]))
+            elem = helper.np_dtype_to_tensor_dtype(dtype)
+            graph.input.append(helper.make_tensor_value_info(slot[key], elem, dims))
+    onnx.save(model, str(path / "model.onnx"))
+    (path / "lora_slots.json").write_text(json.dumps({"modules": slots}, indent=1) + "\n")
+
+
 def _provider_available(ep: str) -> bool:
     if ep == "cpu":
         return True
@@ -251,7 +348,18 @@ def run(inputs: list[Checkpoint], settings: OnnxSettings, out: Path) -> Checkpoi
             "tokenizer with the model."
         )
     with staging(out) as st:
-        export(parent.path, st.dir, s)
+        if s.lora_slots:
+            placeholder = st.dir.parent / f".{st.dir.name}.lora-placeholder"
+            try:
+                modules = placeholder_adapter(parent, s.lora_slots, placeholder)
+                export(parent.path, st.dir, s, adapter=placeholder)
+            finally:
+                import shutil
+
+                shutil.rmtree(placeholder, ignore_errors=True)
+            open_lora_slots(st.dir, modules)
+        else:
+            export(parent.path, st.dir, s)
         metrics: dict = {}
         if s.parity_n and _provider_available(s.execution_provider):
             metrics |= parity(parent, st.dir, s)
@@ -265,6 +373,8 @@ def run(inputs: list[Checkpoint], settings: OnnxSettings, out: Path) -> Checkpoi
             "onnx.execution_provider": s.execution_provider,
             "onnx.model_type": cfg.get("model_type"),
         }
+        if s.lora_slots:
+            metrics["onnx.lora_slots"] = len(modules)
         return st.commit(
             stage=STAGE, format="onnx", settings=s, parents=[parent], seed=None, metrics=metrics
         )

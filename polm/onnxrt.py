@@ -142,3 +142,59 @@ class OnnxLM:
         gen = og.Generator(self.model, params)
         gen.append_tokens(ids)
         return np.array(gen.get_logits())[0, -1].astype("float32")
+
+
+def write_onnx_adapter(adapter: Path, export: Path, dst: Path) -> None:
+    """A ``peft-adapter`` (PEFT LoRA) as onnxruntime's adapter format (``.onnx_adapter``) for an
+    export with LoRA slots (``optimize.onnx`` ``lora_slots``, its ``lora_slots.json``): each
+    module's A and B transposed to the graph's MatMul layout, B times LoRA's scaling. Refuses,
+    naming why, what the graph cannot take: another PEFT method, DoRA, per-module rank or alpha
+    patterns, trained weights outside LoRA's A and B, modules without a slot."""
+    import numpy as np
+    import onnxruntime as ort
+    from safetensors.numpy import load_file
+
+    from polm.errors import PolmError
+
+    adapter, export = Path(adapter), Path(export)
+    slots_file = export / "lora_slots.json"
+    if not slots_file.is_file():
+        raise PolmError(
+            f"{export} takes no LoRA adapters: export it with optimize.onnx lora_slots "
+            "(e.g. all-linear) to serve adapters on it by name"
+        )
+    slots = json.loads(slots_file.read_text())["modules"]
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    refused = [
+        (cfg.get("peft_type") != "LORA", f"a {cfg.get('peft_type')} adapter, not LoRA"),
+        (cfg.get("use_dora"), "DoRA"),
+        (cfg.get("rank_pattern") or cfg.get("alpha_pattern"), "per-module rank or alpha"),
+        (cfg.get("lora_bias"), "a LoRA bias"),
+    ]
+    why = next((what for hit, what in refused if hit), None)
+    if why:
+        raise PolmError(f"{adapter}: {why}; the ONNX backend serves plain LoRA adapters")
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    params = {}
+    for key, w in weights.items():
+        module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        slot = slots.get(module)
+        if part not in ("A.weight", "B.weight") or slot is None:
+            raise PolmError(
+                f"{adapter}: {key} has no slot in {export} (its LoRA slots are on "
+                f"{len(slots)} modules, e.g. {next(iter(slots), '-')}); export with lora_slots "
+                "that cover the adapter's target modules"
+            )
+        dtype = np.dtype(slot["dtype"])
+        if part == "A.weight":
+            params[slot["A"]] = np.ascontiguousarray(w.T, dtype=dtype)
+        else:
+            rank = w.shape[1]
+            alpha = float(cfg.get("lora_alpha", rank))
+            scale = alpha / (rank**0.5 if cfg.get("use_rslora") else rank)
+            params[slot["B"]] = np.ascontiguousarray(w.T * scale, dtype=dtype)
+    out = ort.AdapterFormat()
+    out.set_adapter_version(1)
+    out.set_model_version(1)
+    out.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+    out.export_adapter(str(dst))

@@ -98,22 +98,26 @@ def parse_adapters(spec: str | None) -> dict[str, str]:
 
 def check_adapters(base, adapters: dict[str, str]) -> dict:
     """Open each adapter and check it belongs on ``base``: a ``peft-adapter`` checkpoint whose
-    parent is this base, byte for byte (its content hash); else a PolmError naming both."""
+    parent is this base, byte for byte (its content hash), or, for an ``onnx`` export, the
+    model it was exported from; else a PolmError naming both."""
     from polm.checkpoint import Checkpoint
     from polm.errors import PolmError
 
     out = {}
+    trained_on = base.manifest.content_hash
+    if base.format == "onnx" and base.manifest.parents:  # the export carries its parent's weights
+        trained_on = base.manifest.parents[0].content_hash
     for name, path in adapters.items():
         a = Checkpoint.open(path)
         if a.format != "peft-adapter":
             raise PolmError(f"adapter {name!r} ({a.path}) is a {a.format!r} checkpoint, not a "
                             "peft-adapter")  # fmt: skip
         parent = a.manifest.parents[0].content_hash if a.manifest.parents else None
-        if parent != base.manifest.content_hash:
+        if parent != trained_on:
             raise PolmError(
                 f"adapter {name!r} ({a.path}) was trained on a base with content hash "
                 f"{(parent or 'none')[:12]}, but the served base {base.path} is "
-                f"{base.manifest.content_hash[:12]}: serve it on its own base"
+                f"{trained_on[:12]}: serve it on its own base"
             )
         out[name] = a
     return out

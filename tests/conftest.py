@@ -130,6 +130,36 @@ def onnx_int4(add_sft, tmp_path_factory):
     return build_onnx_int4(add_sft, tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def loras(base_ckpt, tmp_path_factory):
+    """Two LoRA SFTs of tiny-base as ``peft-adapter`` checkpoints, one on add, one on compare,
+    by the names they are served under (read-only for tests)."""
+    from align.sft import SFTSettings
+    from align.sft import run as sft
+
+    def build(task):
+        s = SFTSettings(
+            task=task,
+            method="lora",
+            output_format="peft-adapter",
+            max_steps=40,
+            learning_rate=5e-3,
+        )
+        return shared(tmp_path_factory, f"lora_{task}", lambda out: sft([base_ckpt], s, out))
+
+    return {"adder": build("add"), "comparer": build("compare")}
+
+
+@pytest.fixture(scope="session")
+def onnx_lora(base_ckpt, tmp_path_factory):
+    """tiny-base exported to ONNX in fp32 with LoRA slots on every linear layer: the ONNX
+    backend serves ``loras`` on it by name (read-only for tests)."""
+    from optimize.onnx import OnnxSettings, run
+
+    s = OnnxSettings(precision="fp32", lora_slots="all-linear", task="add", parity_n=10)
+    return shared(tmp_path_factory, "onnx_lora", lambda out: run([base_ckpt], s, out))
+
+
 @pytest.fixture
 def base_copy(base_ckpt, tmp_path):
     """A private copy of the base checkpoint, for tests that modify it."""

@@ -9,6 +9,8 @@ concurrent generators than cores make every one of them slower: 16 of them on 2 
 Gemma 3 270M 14 tokens/s in all, against 75 for one stream alone (measured, bench/serve.py).
 (onnxruntime-genai's batched generator takes one set of search options for the whole batch and
 cannot take new rows mid-flight; its continuous-batching ``Engine`` is experimental in 0.18.)
+On an export with LoRA slots, LoRA adapters are served by name: each request's generator runs
+with its own adapter active (``og.Adapters``; see optimize/onnx.py).
 """
 
 from __future__ import annotations
@@ -43,6 +45,25 @@ class OnnxBackend(TokenBackend):
         self.bos_text, self.eos_text = _special_tokens(self.path)  # read once, not per request
         self.eos = self.lm.eos
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="polm-onnx")
+        self.adapters = None  # og.Adapters, once LoRA adapters are served by name
+        self.adapters_named: list[str] = []
+        self._adapter_dir = None
+
+    def add_adapters(self, adapters: dict) -> None:
+        """LoRA adapters by name on an export with LoRA slots: each ``peft-adapter`` becomes an
+        ``.onnx_adapter`` (a temporary directory, removed at close) that onnxruntime-genai
+        loads once; a request's generator runs with its adapter active (the base: none)."""
+        import tempfile
+
+        from polm.onnxrt import write_onnx_adapter
+
+        self._adapter_dir = tempfile.TemporaryDirectory(prefix="polm-onnx-adapters-")
+        self.adapters = self.og.Adapters(self.model)
+        for name, path in adapters.items():
+            file = Path(self._adapter_dir.name) / f"{len(self.adapters_named)}.onnx_adapter"
+            write_onnx_adapter(Path(path), self.path, file)
+            self.adapters.load(str(file), name)
+            self.adapters_named.append(name)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         if self.chat_template is None:  # onnxruntime-genai's own template for the model type
@@ -70,6 +91,8 @@ class OnnxBackend(TokenBackend):
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._adapter_dir is not None:
+            self._adapter_dir.cleanup()
 
     def _decode(self, job: Job) -> None:
         og, np, p = self.og, self.np, job.params
@@ -82,6 +105,8 @@ class OnnxBackend(TokenBackend):
         max_length = self.lm.max_length(len(job.prompt_ids), max(p.max_tokens, 1))
         params.set_search_options(max_length=max_length, do_sample=False)
         gen = og.Generator(self.model, params)
+        if p.adapter is not None:
+            gen.set_active_adapter(self.adapters, p.adapter)
         if p.prompt_logprobs is not None:
             # the logits after every prompt prefix: the prompt goes in one token at a time
             # (the generator hands out the last position's logits only)

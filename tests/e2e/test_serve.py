@@ -207,12 +207,14 @@ def test_the_openai_client_sees_typed_errors(server):
 
 
 @pytest.fixture(scope="module")
-def onnx_server(onnx_int4, tmp_path_factory):
-    """The ONNX backend (the add SFT's int4 export) for what clients send beyond the basics."""
+def onnx_server(onnx_lora, loras, tmp_path_factory):
+    """The ONNX backend (tiny-base's export with LoRA slots, two LoRA adapters by name) for
+    what clients send beyond the basics."""
     from polm.loading import load_tokenizer
 
-    s = Server(tmp_path_factory.mktemp("onnx"), model=onnx_int4.path)
-    s.backend, s.tokenizer = "onnx", load_tokenizer(onnx_int4.path)
+    adapters = ",".join(f"{name}={c.path}" for name, c in loras.items())
+    s = Server(tmp_path_factory.mktemp("onnx"), model=onnx_lora.path, adapters=adapters)
+    s.backend, s.tokenizer = "onnx", load_tokenizer(onnx_lora.path)
     yield s
     s.stop()
 
@@ -225,11 +227,28 @@ def test_what_clients_send_works_on_a_real_server(server, tokenizer):
     what_clients_send(server, tokenizer)
 
 
-def test_what_clients_send_works_on_a_real_onnx_server(onnx_server):
-    card = onnx_server.client.models.list().data[0].model_extra["polm"]
+def test_what_clients_send_works_on_a_real_onnx_server(onnx_server, loras):
+    models = onnx_server.client.models.list().data
+    assert [m.id for m in models] == [onnx_server.model, "adder", "comparer"]
+    card = models[0].model_extra["polm"]
     assert card["backend"] == "onnx" and card["format"] == "onnx"
     content_parts_and_the_developer_role(onnx_server)
     what_clients_send(onnx_server, onnx_server.tokenizer)
+    # a LoRA adapter by name answers as its checkpoint does
+    from polm.evaluate import greedy_generate
+    from polm.loading import load_model
+    from polm.tasks import get_task
+
+    prompt = get_task("add").examples("test", 1)[0].prompt
+    model, tok = load_model(loras["adder"])
+    (want,) = greedy_generate(model, tok, [prompt], max_new_tokens=24)
+    got = onnx_server.client.chat.completions.create(
+        model="adder",
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
+        max_tokens=24,
+    )
+    assert got.choices[0].message.content == want
 
 
 def content_parts_and_the_developer_role(server):
