@@ -355,12 +355,38 @@ AUTH = {"Authorization": "Bearer key-two"}
 
 
 @pytest.fixture(scope="module")
-def capped(tmp_path_factory):
-    """The built-in model with a concurrency cap of 2 and API keys."""
+def capped(base_ckpt, loras, tmp_path_factory):
+    """tiny-base with two LoRA adapters by name, a concurrency cap of 2 and API keys."""
+    adapters = ",".join(f"{name}={c.path}" for name, c in loras.items())
     s = Server(tmp_path_factory.mktemp("capped"), max_concurrency=2, api_key=KEYS,
-               client_api_key="key-two")  # fmt: skip
+               client_api_key="key-two", model=base_ckpt.path, adapters=adapters)  # fmt: skip
     yield s
     s.stop()
+
+
+def test_lora_adapters_answer_by_name_behind_the_key(capped, loras):
+    """The transformers backend's adapters on a real server: each name answers as its own
+    checkpoint does (tests/serve/test_adapters.py holds them in depth)."""
+    from polm.evaluate import greedy_generate
+    from polm.loading import load_model
+    from polm.tasks import get_task
+
+    models = capped.client.models.list().data
+    assert [m.id for m in models] == [capped.model, "adder", "comparer"]
+    assert models[1].model_extra["parent"] == capped.model
+    prompt = get_task("compare").examples("test", 1)[0].prompt
+    for name in ("adder", "comparer"):
+        model, tok = load_model(loras[name])
+        (want,) = greedy_generate(model, tok, [prompt], max_new_tokens=16)
+        got = capped.client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=16,
+        )
+        assert got.choices[0].message.content == want, name
+    r = httpx.post(capped.url + CHAT, json={"model": "adder", "messages": MSG})
+    assert r.status_code == 401  # an adapter is no way around the key
 
 
 def test_with_api_keys_set_the_client_needs_one(capped):
