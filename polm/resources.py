@@ -94,16 +94,20 @@ class PeakRSS:
         self._proc = psutil.Process()
         self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
         self._hwm = False
+        self._children_low: int | None = None  # the children's smallest sampled RSS
 
     def sample(self) -> int:
         """This process's RSS plus its live children's, now."""
-        total = self._proc.memory_info().rss
+        children = 0
         for child in self._proc.children(recursive=True):
             try:
-                total += child.memory_info().rss
+                children += child.memory_info().rss
             except psutil.Error:  # it ended between listing and reading
                 pass
+        total = self._proc.memory_info().rss + children
         self.peak_bytes = max(self.peak_bytes, total)
+        low = self._children_low
+        self._children_low = children if low is None else min(low, children)
         return total
 
     def _sample_until_stopped(self) -> None:
@@ -122,4 +126,7 @@ class PeakRSS:
         self._thread.join()
         self.sample()
         if self._hwm:
-            self.peak_bytes = max(self.peak_bytes, _high_water_mark())
+            # the kernel's high-water mark is this process's alone: a spike between two samples
+            # counts with what the children held throughout (a long-lived fork server, say)
+            held = self._children_low or 0
+            self.peak_bytes = max(self.peak_bytes, _high_water_mark() + held)

@@ -19,6 +19,24 @@ def test_a_spike_freed_inside_the_block_is_the_peak():
     assert rss.sample() < rss.peak_bytes - 100 * MB  # freed again
 
 
+def test_a_spike_between_samples_counts_beside_a_child_that_holds_more():
+    """The kernel's high-water mark is this process's alone: a spike the sampler misses still
+    counts, on top of what a long-lived child (a test worker's fork server) holds."""
+    code = "import sys, time; b = bytearray(400 * 2**20); print(flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # its 400 MB are resident
+        with PeakRSS(interval_s=60) as before:  # one sample on entry, one on exit
+            pass
+        with PeakRSS(interval_s=60) as rss:
+            block = bytearray(200 * MB)
+            del block
+        assert rss.peak_bytes >= before.peak_bytes + 150 * MB
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_child_process_counts():
     code = "import time; b = bytearray(300 * 2**20); time.sleep(1)"  # zero-filled: resident
     with PeakRSS() as rss:
