@@ -1,14 +1,14 @@
 """The onnxruntime-genai backend: ``onnx`` checkpoints (polm's ONNX export), on CPU, an edge
 device or CUDA. It imports neither torch nor transformers.
 
-Each request runs its own ``og.Generator`` on a pool of ``workers`` threads (default: one per
-core) with its own sampling settings and seed; onnxruntime releases the GIL inside every
-decoding step, so that many requests decode in parallel and the rest wait their turn. Each
-decoding step gets ``threads`` intra-op threads (default: cores / workers). Many more
-concurrent generators than cores make every one of them slower: 16 of them on 2 cores gave
-Gemma 3 270M 14 tokens/s in all, against 75 for one stream alone (measured, bench/serve.py).
-(onnxruntime-genai's batched generator takes one set of search options for the whole batch and
-cannot take new rows mid-flight; its continuous-batching ``Engine`` is experimental in 0.18.)
+On CPU, concurrent requests decode together in one batch per step (continuous batching,
+serve/backends/onnx_batch.py: the export's graph stepped by onnxruntime directly, each row
+with its own sampling settings and seed; ``POLM_ONNX_BATCH=0`` turns it off). The others (the
+prompt's log-probs, a LoRA adapter, a prompt and answer longer than a sliding window, a CUDA
+export) each run their own ``og.Generator`` on a pool of ``workers`` threads (default: one per
+core), which onnxruntime-genai's batching cannot replace: its batched generator takes no new
+rows mid-flight, and its ``Engine`` batches on CPU only statically and without per-request seeds.
+Each generator's step gets ``threads`` intra-op threads (default: cores / workers).
 On an export with LoRA slots, LoRA adapters are served by name: each request's generator runs
 with its own adapter active (``og.Adapters``; see optimize/onnx.py).
 """
@@ -45,6 +45,12 @@ class OnnxBackend(TokenBackend):
         self.bos_text, self.eos_text = _special_tokens(self.path)  # read once, not per request
         self.eos = self.lm.eos
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="polm-onnx")
+        self.batch = None  # continuous batching (serve/backends/onnx_batch.py), where it runs
+        if os.environ.get("POLM_ONNX_BATCH", "1") != "0":
+            from serve.backends.onnx_batch import BatchDecoder, supported
+
+            if supported(self.path):
+                self.batch = BatchDecoder(self, threads=int(threads or 0) or cores)
         self.adapters = None  # og.Adapters, once LoRA adapters are served by name
         self.adapters_named: list[str] = []
         self._adapter_dir = None
@@ -81,7 +87,10 @@ class OnnxBackend(TokenBackend):
         return self.tokenizer.decode(self.np.array(ids, dtype=self.np.int32))
 
     def submit(self, job: Job) -> None:
-        self.pool.submit(self._run, job)
+        if self.batch is not None and self.batch.takes(job):
+            self.batch.submit(job)
+        else:
+            self.pool.submit(self._run, job)
 
     def _guide_tokenizer(self):
         from llguidance import LLTokenizer
@@ -90,6 +99,8 @@ class OnnxBackend(TokenBackend):
         return LLTokenizer(text, n_vocab=self.vocab_size or None, eos_token=sorted(self.eos))
 
     def close(self) -> None:
+        if self.batch is not None:
+            self.batch.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self._adapter_dir is not None:
             self._adapter_dir.cleanup()
