@@ -69,6 +69,8 @@ class BatchDecoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # no arena: each step's cache outputs are freed to the allocator, not kept at their peak
+        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(
             str(path / decoder.get("filename", "model.onnx")),
             options,
