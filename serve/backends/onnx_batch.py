@@ -156,9 +156,14 @@ class BatchDecoder:
             if job.cancelled.is_set():
                 continue
             ids = np.array([job.prompt_ids])
-            logits, present = self._run(
-                ids, np.ones_like(ids), [self._empty(1, j) for j in range(len(self.past))]
-            )
+            try:
+                logits, present = self._run(
+                    ids, np.ones_like(ids), [self._empty(1, j) for j in range(len(self.past))]
+                )
+            except Exception:  # this request fails, not the ones already running
+                log.exception("the prompt's forward pass failed")
+                deliver([(job, "error")])
+                continue
             p = job.params
             max_length = self.backend.lm.max_length(len(job.prompt_ids), max(p.max_tokens, 1))
             row = Row(job, self.backend.sampler(p), len(job.prompt_ids), max_length)
