@@ -254,7 +254,7 @@ def main() -> None:
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     models = prepare(a.work, a.skip_gemma)
-    from roofline import bandwidth_gb_s  # bench/, first on the path of a bench script
+    from roofline import bandwidth_gb_s, weight_bytes  # bench/, first on a bench script's path
 
     bandwidth = bandwidth_gb_s()
     print(f"read bandwidth (STREAM triad): {bandwidth:.1f} GB/s", flush=True)
@@ -283,8 +283,10 @@ def main() -> None:
                 agg, n = aggregate(s, prompt, a.tokens, a.clients)
             finally:
                 s.stop()
-            weights = {"polm onnx": onnx.path / "model.onnx.data", "polm transformers": hf.path}
-            read = weight_bytes(weights.get(label, gguf))
+            read = weight_bytes(*{
+                "polm onnx": (onnx.path, ("model.onnx*",)),
+                "polm transformers": (hf.path, ("*.safetensors",)),
+            }.get(label, (gguf.parent, (gguf.name,))))  # fmt: skip
             rows.append(
                 {
                     "model": name,
@@ -348,16 +350,6 @@ def report(rows: list[dict], clients: int) -> None:
 def ratio(a: dict, b: dict, key: str, of: str | None = None) -> str:
     """``a[key] / b[of or key]`` as "1.23x"."""
     return f"{a[key] / b[of or key]:.2f}x" if b[of or key] else "n/a"
-
-
-def weight_bytes(path: Path) -> int:
-    """The bytes of weights a decoded token reads: the file, or a directory's safetensors."""
-    path = Path(path)
-    return (
-        sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        if path.is_dir()
-        else (path.stat().st_size)
-    )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,6 @@ class OnnxBackend(TokenBackend):
             if supported(self.path):
                 self.batch = BatchDecoder(self, threads=int(threads or 0) or cores)
         self.adapters = None  # og.Adapters, once LoRA adapters are served by name
-        self.adapters_named: list[str] = []
         self._adapter_dir = None
 
     def add_adapters(self, adapters: dict) -> None:
@@ -65,11 +64,10 @@ class OnnxBackend(TokenBackend):
 
         self._adapter_dir = tempfile.TemporaryDirectory(prefix="polm-onnx-adapters-")
         self.adapters = self.og.Adapters(self.model)
-        for name, path in adapters.items():
-            file = Path(self._adapter_dir.name) / f"{len(self.adapters_named)}.onnx_adapter"
+        for i, (name, path) in enumerate(adapters.items()):
+            file = Path(self._adapter_dir.name) / f"{i}.onnx_adapter"
             write_onnx_adapter(Path(path), self.path, file)
             self.adapters.load(str(file), name)
-            self.adapters_named.append(name)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         if self.chat_template is None:  # onnxruntime-genai's own template for the model type

@@ -168,9 +168,9 @@ class BatchDecoder:
             max_length = self.backend.lm.max_length(len(job.prompt_ids), max(p.max_tokens, 1))
             row = Row(job, self.backend.sampler(p), len(job.prompt_ids), max_length)
             self.stats["requests"] += 1
-            out = self._pick(row, logits[0])
+            out, done = self._pick(row, logits[0])
             deliver(out)
-            if any(isinstance(item, str) for _, item in out):
+            if done:
                 continue
             cache = self._join(cache, present, rows)
             rows.append(row)
@@ -190,18 +190,19 @@ class BatchDecoder:
             out.append(np.concatenate([a, b]))
         return out
 
-    def _pick(self, row: Row, logits) -> list:
-        """Sample ``row``'s next token; what to deliver (the token, and a finish reason)."""
-        p = row.job.params
+    def _pick(self, row: Row, logits) -> tuple[list, bool]:
+        """Sample ``row``'s next token: what to deliver (the token, and a finish reason), and
+        whether the row is done."""
         tok, lp = row.sampler.pick(logits)
         if tok in self.backend.eos:
-            return [(row.job, "stop")]
+            return [(row.job, "stop")], True
         row.made += 1
         row.next = tok
         out = [(row.job, lp if lp is not None else tok)]
-        if row.made >= p.max_tokens or row.length + 1 >= row.max_length:
+        if row.made >= row.job.params.max_tokens or row.length + 1 >= row.max_length:
             out.append((row.job, "length"))
-        return out
+            return out, True
+        return out, False
 
     def _step(self, rows: list[Row], cache: list):
         """One forward pass for every row; rows that finished or were cancelled leave."""
@@ -218,9 +219,9 @@ class BatchDecoder:
             row.length += 1
             if row.job.cancelled.is_set():
                 continue
-            items = self._pick(row, logits[b])
+            items, done = self._pick(row, logits[b])
             out += items
-            if not any(isinstance(item, str) for _, item in items):
+            if not done:
                 keep.append(b)
         deliver(out)
         if len(keep) == len(rows):
