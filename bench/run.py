@@ -18,6 +18,10 @@ Runs by default (CPU only, about 10-15 minutes on 2 cores):
   precision                       an SFT step in bf16 vs fp32 (bench/precision.py, 20 steps)
   moe-quality                     the MoE of recipes/moe.yaml vs its experts
                                   (bench/moe_quality.py)
+  calibrations                    the long quality calibrations (bench/calibrations/,
+                                  pytest on two workers, ~15 minutes): RLHF, DPO's defaults,
+                                  LoRA and replay SFT, distillation, 1-bit recovery; the test
+                                  suite keeps a short check of each. One row per calibration
 
 Separate, added with ``--include NAME`` (their output is kept in the JSON, one row each):
 
@@ -149,6 +153,39 @@ def moe_quality(a) -> list[dict]:
     ]
 
 
+def calibrations(a) -> list[dict]:
+    """bench/calibrations/: the long quality calibrations the test suite keeps a short check of.
+    One row per calibration: pass or FAIL, what it measured, and why it failed."""
+    import xml.etree.ElementTree as ET
+
+    with tempfile.TemporaryDirectory(prefix="polm-bench-calibrations-") as tmp:
+        xml = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile"]
+        cmd += ["-p", "no:cacheprovider", f"--junitxml={xml}", f"--basetemp={tmp}/t"]
+        env = os.environ | {"OMP_NUM_THREADS": str(max(1, a.threads // 2))}
+        subprocess.run([*cmd, str(BENCH / "calibrations")], cwd=REPO, env=env)
+        rows = []
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            bad = case.find("failure")
+            bad = case.find("error") if bad is None else bad
+            skipped = case.find("skipped") is not None
+            name = case.get("name")
+            measured = [f"{p.get('name')} {p.get('value')}" for p in case.iter("property")]
+            why = (bad.get("message") or "").splitlines()[:1] if bad is not None else []
+            rows.append(
+                {
+                    "bench": "calibrations",
+                    "measure": f"{case.get('classname', '').rsplit('.', 1)[-1]}::{name}",
+                    "polm": "skip" if skipped else ("FAIL" if bad is not None else "pass"),
+                    "reference": None,
+                    "ratio": None,
+                    "target": None,
+                    "note": "; ".join([*measured, *why, f"{float(case.get('time', 0)):.0f} s"]),
+                }
+            )
+    return rows
+
+
 def _script(name: str, argv: list[str], what: str):
     """A benchmark that stays its own script: run it, keep its output, one row."""
 
@@ -186,6 +223,7 @@ DEFAULT = {
     "decode": decode,
     "precision": precision,
     "moe-quality": moe_quality,
+    "calibrations": calibrations,
 }
 OPTIONAL = {
     "sft-quality": _script("sft-quality", ["sft_quality.py"], "SFT accuracy per step budget"),

@@ -1,7 +1,9 @@
-"""RLHF on tiny real models: a reward model ranks held-out pairs, and PPO against it raises the
-held-out reward within the KL target."""
+"""RLHF on tiny real models: a reward model ranks held-out pairs, and PPO against it trains and
+records reward and KL (the long calibration, PPO raising the held-out reward within the KL
+target, is bench/calibrations/test_rlhf.py)."""
 
 import json
+import math
 
 import pytest
 
@@ -12,15 +14,17 @@ from align.reward import run as reward
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
 
+RM_STEPS = 60
+
 
 @pytest.fixture(scope="module")
 def rm(warm_sft, tmp_path_factory):
+    # measured pairwise accuracy on 200 held-out pairs (AVX2-only AMD EPYC, fp32): 0.715 at 60
+    # steps, 0.705 at 120 (chance is 0.5); the 400-step
+    # model and PPO's reward gain against it are bench/calibrations/test_rlhf.py
     return reward(
         [warm_sft],
-        # 400 steps, measured (AMD EPYC, fp32 / bf16): pairwise 0.80 / 0.805 on 200 held-out
-        # pairs. The 200-step model (0.74 / 0.765) moved PPO's held-out reward by +0.06 in fp32
-        # and +0.36 in bf16: a result at one precision only
-        RewardSettings(task="add", max_steps=400, learning_rate=1e-3, logging_steps=100),
+        RewardSettings(task="add", max_steps=RM_STEPS, learning_rate=1e-3, logging_steps=40),
         tmp_path_factory.mktemp("rm") / "rm",
     )
 
@@ -34,25 +38,19 @@ def test_the_reward_model_ranks_held_out_pairs(rm):
     assert "eval.add.accuracy" not in m
 
 
-@pytest.mark.slow
-def test_ppo_raises_heldout_reward_within_the_kl_target(warm_sft, rm, tmp_path):
-    # Measured (AMD EPYC, 256 held-out prompts), fp32 / bf16 models: kl_target 3 gave
-    # 0.916 -> 1.033 at KL 3.0 / 0.570 -> 0.826 at KL 4.1; kl_target 4, KL 4.3 in bf16;
-    # kl_target 5, KL 6.8 / 5.9. Adaptive control tracks the training batches' KL, and
-    # the held-out KL ends up to ~1.4x the target: bounded, which is what is asserted. 40 steps
-    # moved fp32's reward by +0.05 at most.
-    settings = PPOSettings(
-        task="add", max_steps=80, kl_target=4.0, logging_steps=10, eval_prompts=256
-    )
+def test_ppo_against_the_reward_model_records_reward_and_kl(warm_sft, rm, tmp_path):
+    """A few PPO steps against the reward model (80 steps raising the held-out reward within the
+    KL target: bench/calibrations/test_rlhf.py)."""
+    settings = PPOSettings(task="add", max_steps=4, logging_steps=1, eval_prompts=16)
     out = ppo([warm_sft, rm], settings, tmp_path / "ppo")
     m = out.manifest.metrics
     assert m["train.reward_source"] == "model"
-    assert m["train.heldout_reward"] > m["train.heldout_reward_start"] + 0.05, m
-    assert 0 < m["train.heldout_kl"] < 1.5 * settings.kl_target, m
-    assert m["train.last_kl"] < 2 * settings.kl_target, m  # the controller held the batches too
     assert [p.stage for p in out.manifest.parents] == ["align.sft", "align.reward"]
+    for k in ("heldout_reward_start", "heldout_reward", "heldout_kl", "last_kl"):
+        assert math.isfinite(m[f"train.{k}"]), m
+    assert m["train.heldout_kl"] > 0, m  # the policy moved off its reference
     log = json.loads((out.path / "train_log.json").read_text())
-    assert log[0]["step"] == 1 and log[-1]["step"] == 80
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
     assert not any(out.path.glob("*v_head*"))  # the value head only serves training
 
 

@@ -16,7 +16,6 @@ from tests.helpers import ADD_SFT_STEPS
 # Budgets are in steps, not seconds. Thresholds fail if training does nothing: the base
 # model scores <= 5% on add (tests/polm/test_eval.py).
 FULL_STEPS = ADD_SFT_STEPS  # the shared add_sft fixture (tests/conftest.py)
-LORA_STEPS = 150  # LoRA (lr 5e-3) measured: 70.5% add after 150 steps
 
 
 def sft(inputs, out, **kw):
@@ -47,20 +46,21 @@ def test_full_sft_learns_addition_and_changes_every_weight(full_sft, base_ckpt):
     assert not unchanged, unchanged
 
 
-@pytest.mark.slow
-def test_lora_sft_learns_addition_and_merges(base_ckpt, tmp_path):
+def test_lora_sft_trains_the_adapter_and_folds_it_in(base_ckpt, tmp_path):
+    """(150 steps reaching 40% exact match on add: bench/calibrations/test_sft.py.)"""
     ckpt = sft(
-        [base_ckpt],
-        tmp_path / "lora",
-        task="add",
-        method="lora",
-        learning_rate=5e-3,
-        max_steps=LORA_STEPS,
+        [base_ckpt], tmp_path / "lora", task="add", method="lora", learning_rate=5e-3, max_steps=20
     )
     assert ckpt.format == "hf" and not (ckpt.path / "adapter_config.json").exists()
-    assert ckpt.manifest.metrics["train.trainable_params"] < 0.25 * 1_033_344
-    m = evaluate_checkpoint(ckpt, ["add"], n=200)
-    assert m["eval.add.accuracy"] >= 0.4, m
+    m = ckpt.manifest.metrics
+    assert m["train.trainable_params"] < 0.25 * 1_033_344
+    assert m["train.last_loss"] < m["train.first_loss"], m
+    before, after = _state(base_ckpt), _state(ckpt)
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"],
+        after["model.layers.0.self_attn.q_proj.weight"],
+    )  # folded in
+    assert torch.equal(before["model.norm.weight"], after["model.norm.weight"])  # not trained
 
 
 def test_lora_adapter_output_loads_on_its_base(base_ckpt, tmp_path):
@@ -281,25 +281,3 @@ def test_self_replay_holds_the_model_to_its_own_answers_on_another_task(base_ckp
         SFTSettings(task="add", replay="self:nope")
     with pytest.raises(PolmError, match="needs chat training data and the input model"):
         build_dataset(SFTSettings(task="add", n_train=4, replay="self:compare"))
-
-
-@pytest.mark.slow
-def test_replay_keeps_the_skill_the_task_data_would_override(full_sft, base_ckpt, tmp_path):
-    """Trained on add alone the model answers `reverse abc` with a scratchpad; with a quarter of
-    the base's pretraining chats replayed it learns add and keeps reverse (measured: reverse
-    84.0% base, 0% add only, 78.5% with replay; add 79%)."""
-    replayed = sft(
-        [base_ckpt],
-        tmp_path / "replay",
-        task="add",
-        replay="builtin:pretraining",
-        max_steps=FULL_STEPS,
-    )
-    tasks = ["add", "reverse"]
-    base, plain, kept = (
-        evaluate_checkpoint(c, tasks, n=200, with_perplexity=False)
-        for c in (base_ckpt, full_sft, replayed)
-    )
-    assert plain["eval.reverse.accuracy"] < 0.2, plain  # forgotten without replay
-    assert kept["eval.reverse.accuracy"] >= base["eval.reverse.accuracy"] - 0.1, (base, kept)
-    assert kept["eval.add.accuracy"] >= 0.5, kept

@@ -20,7 +20,6 @@ from optimize.distill import (
 )
 from polm.checkpoint import Checkpoint
 from polm.errors import PolmError
-from polm.evaluate import evaluate_checkpoint
 from polm.loading import load_model
 from tests.helpers import polm_cli
 
@@ -140,28 +139,22 @@ def test_on_policy_and_jsd_run_from_the_cli(base_ckpt, tmp_path):
     assert model.config.num_hidden_layers == 2
 
 
-DISTILL_STEPS = 200  # at lr 3e-3, measured: 93.8% from a 93.5% teacher (150 steps: 84.6%)
-
-
-@pytest.mark.slow
-def test_half_depth_student_distilled_on_prompts_alone_reaches_the_teacher(add_sft, tmp_path):
-    from polm.evaluate import accuracy
-
-    teacher = evaluate_checkpoint(add_sft, ["add"], n=200, with_perplexity=False)
-    teacher_model, tokenizer = load_model(add_sft)
-    settings = DistillSettings(  # no task: the teacher's own, from its manifest
+def test_a_student_distils_from_the_teachers_own_task_on_prompts_alone(add_sft, tmp_path):
+    """No task given: the teacher's own, from its manifest (the 200-step calibration, a
+    half-depth student reaching the teacher: bench/calibrations/test_distill.py)."""
+    settings = DistillSettings(
         student_layers="every_other",
         seq_kd=True,  # the teacher's greedy answers: the dataset's answers are never seen
         sampling_temperature=0,
-        max_steps=DISTILL_STEPS,
+        max_steps=12,
+        logging_steps=2,
         learning_rate=3e-3,
     )
-    cut = accuracy(derive_student(teacher_model, settings).eval(), tokenizer, "add", 200)
     student = run([add_sft], settings, tmp_path / "student")
+    m = student.manifest.metrics
     assert student.manifest.settings["task"] == "add"
-    assert student.manifest.metrics["data.from_lineage"].startswith("task add from align.sft")
-    after = evaluate_checkpoint(student, ["add"], n=200, with_perplexity=False)
-    t, c, a = teacher["eval.add.accuracy"], cut["accuracy"], after["eval.add.accuracy"]
-    assert a >= 0.9 * t, (t, c, a)
-    assert c < 0.5 * t, (t, c, a)  # the cut student alone does not do it
-    assert student.manifest.metrics["params"] < 0.75 * teacher["params"]
+    assert m["data.from_lineage"].startswith("task add from align.sft")
+    teacher = sum(p.numel() for p in load_model(add_sft)[0].parameters())
+    assert m["params"] < 0.75 * teacher, (m["params"], teacher)
+    assert m["train.last_loss"] < m["train.first_loss"], m
+    assert load_model(student)[0].config.num_hidden_layers == 2

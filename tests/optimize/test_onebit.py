@@ -120,32 +120,23 @@ def test_wrong_inputs_are_refused(base_ckpt, plain, tmp_path):
     assert not (tmp_path / "again").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["binary", "ternary"])
-def test_recovery_brings_the_quantized_model_back_to_its_parent(method, add_sft, tmp_path):
-    parent = evaluate_checkpoint(add_sft, ["add"], n=200, with_perplexity=False)
+def test_short_recovery_moves_a_ternary_model_back_and_llama_cpp_runs_it(add_sft, tmp_path):
+    """No task: recovery trains on the SFT's own task, from its manifest (100 steps bringing a
+    binary and a ternary model back to 90% of their parent: bench/calibrations/test_onebit.py)."""
     ckpt = run(
-        [add_sft],
-        # no task: recovery trains on the SFT's own task, from its manifest
-        OneBitSettings(method=method, max_steps=RECOVERY_STEPS, eval_n=200),
-        tmp_path / method,
+        [add_sft], OneBitSettings(method="ternary", max_steps=30, eval_n=100), tmp_path / "t"
     )
     assert ckpt.manifest.settings["task"] == "add"
     assert ckpt.manifest.metrics["data.from_lineage"].startswith("task add from align.sft")
-    after = evaluate_checkpoint(ckpt, ["add"], n=200, with_perplexity=False)
+    after = evaluate_checkpoint(ckpt, ["add"], n=100, with_perplexity=False)
     before = ckpt.manifest.metrics["onebit.before_recovery.add.accuracy"]
-    p, b, a = parent["eval.add.accuracy"], before, after["eval.add.accuracy"]
-    assert a >= 0.9 * p, (method, p, b, a)
-    assert a > b, (method, b, a)
-    if method == "ternary":  # the ternary model ends in a file stock llama.cpp runs
-        tq2 = gguf_export([ckpt], GgufSettings(outtype="tq2_0", parity_n=0), tmp_path / "tq2")
-        g = evaluate_checkpoint(tq2, ["add"], n=200, with_perplexity=False)["eval.add.accuracy"]
-        assert g >= 0.9 * a, (a, g)
-        types = {t.name: t.tensor_type.name for t in GGUFReader(tq2.path / "model.gguf").tensors}
-        # every decoder weight whose rows hold whole 256-weight blocks (tiny-base: down_proj,
-        # 512 wide) is TQ2_0; narrower ones fall back to F16 in llama.cpp's converter
-        assert {types[f"blk.{i}.ffn_down.weight"] for i in range(4)} == {"TQ2_0"}, types
-        assert types["token_embd.weight"] == "F16"
-
-
-RECOVERY_STEPS = 100  # measured from a 93.5% parent: binary 93.5%, ternary 94.0%
+    assert after["eval.add.accuracy"] > before, (before, after)
+    # the ternary model ends in a file stock llama.cpp runs, answering as the model does
+    tq2 = gguf_export([ckpt], GgufSettings(outtype="tq2_0", parity_n=0), tmp_path / "tq2")
+    g = evaluate_checkpoint(tq2, ["add"], n=100, with_perplexity=False)["eval.add.accuracy"]
+    assert g >= 0.9 * after["eval.add.accuracy"], (after, g)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tq2.path / "model.gguf").tensors}
+    # every decoder weight whose rows hold whole 256-weight blocks (tiny-base: down_proj,
+    # 512 wide) is TQ2_0; narrower ones fall back to F16 in llama.cpp's converter
+    assert {types[f"blk.{i}.ffn_down.weight"] for i in range(4)} == {"TQ2_0"}, types
+    assert types["token_embd.weight"] == "F16"

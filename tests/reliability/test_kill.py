@@ -57,11 +57,11 @@ def _recipe(path: Path) -> Path:
         "models": {"base": "builtin:tiny-base"},
         "eval": ["add"],
         "stages": {
-            "sft": {"uses": "align.sft", "from": "base", "with": {"task": "add", "max_steps": 30}},
+            "sft": {"uses": "align.sft", "from": "base", "with": {"task": "add", "max_steps": 15}},
             "more": {
                 "uses": "align.sft",
                 "from": "sft",
-                "with": {"task": "reverse", "max_steps": 10},
+                "with": {"task": "reverse", "max_steps": 5},
             },
         },
     }
