@@ -1,24 +1,16 @@
 """SFT's calibrations: LoRA learns addition in 150 steps, and replaying the base's own chats keeps
 the skill plain task data would override (tests/align/test_sft.py keeps the short checks)."""
 
-import pytest
-
 from align.sft import SFTSettings, run
 from polm.evaluate import evaluate_checkpoint
 from tests.helpers import ADD_SFT_STEPS
 
-FULL_STEPS = ADD_SFT_STEPS  # the shared add_sft fixture (tests/conftest.py)
+FULL_STEPS = ADD_SFT_STEPS  # as long as the shared add_sft fixture (tests/conftest.py)
 LORA_STEPS = 150  # LoRA (lr 5e-3) measured: 70.5% add after 150 steps
 
 
-def sft(inputs, out, **kw):
-    kw.setdefault("logging_steps", 10)
-    return run(inputs, SFTSettings(**kw), out)
-
-
-@pytest.fixture(scope="module")
-def full_sft(add_sft):
-    return add_sft
+def sft(inputs, out, **kw):  # logging every 10 steps, as the suite's SFTs
+    return run(inputs, SFTSettings(logging_steps=10, **kw), out)
 
 
 def test_lora_sft_learns_addition_and_merges(base_ckpt, tmp_path):
@@ -36,7 +28,7 @@ def test_lora_sft_learns_addition_and_merges(base_ckpt, tmp_path):
     assert m["eval.add.accuracy"] >= 0.4, m
 
 
-def test_replay_keeps_the_skill_the_task_data_would_override(full_sft, base_ckpt, tmp_path):
+def test_replay_keeps_the_skill_the_task_data_would_override(add_sft, base_ckpt, tmp_path):
     """Trained on add alone the model answers `reverse abc` with a scratchpad; with a quarter of
     the base's pretraining chats replayed it learns add and keeps reverse (measured: reverse
     84.0% base, 0% add only, 78.5% with replay; add 79%)."""
@@ -50,7 +42,7 @@ def test_replay_keeps_the_skill_the_task_data_would_override(full_sft, base_ckpt
     tasks = ["add", "reverse"]
     base, plain, kept = (
         evaluate_checkpoint(c, tasks, n=200, with_perplexity=False)
-        for c in (base_ckpt, full_sft, replayed)
+        for c in (base_ckpt, add_sft, replayed)
     )
     assert plain["eval.reverse.accuracy"] < 0.2, plain  # forgotten without replay
     assert kept["eval.reverse.accuracy"] >= base["eval.reverse.accuracy"] - 0.1, (base, kept)
