@@ -20,8 +20,8 @@ RM_STEPS = 60
 @pytest.fixture(scope="module")
 def rm(warm_sft, tmp_path_factory):
     # measured pairwise accuracy on 200 held-out pairs (AVX2-only AMD EPYC, fp32): 0.715 at 60
-    # steps, 0.705 at 120 (chance is 0.5); the 400-step
-    # model and PPO's reward gain against it are bench/calibrations/test_rlhf.py
+    # steps, 0.705 at 120 (chance is 0.5); the 400-step model and PPO's reward gain against it
+    # are bench/calibrations/test_rlhf.py
     return reward(
         [warm_sft],
         RewardSettings(task="add", max_steps=RM_STEPS, learning_rate=1e-3, logging_steps=40),
