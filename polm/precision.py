@@ -41,10 +41,24 @@ def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
     return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
+# Device files a CUDA (or ROCm, or WSL GPU) driver creates: where none exists, torch cannot see a
+# GPU, and `auto` is settled from the CPU's flags without importing torch (2.5 s of a `polm
+# validate` that checks settings and loads nothing).
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+
+
+def may_have_gpu() -> bool:
+    import sys
+
+    return "torch" in sys.modules or any(os.path.exists(f) for f in GPU_DEVICE_FILES)
+
+
 @functools.cache
 def native_bf16() -> bool:
     """True where training would run on hardware that computes bf16 natively: a bf16-capable
     CUDA GPU when one is present (trainers use it then), else the CPU's flags."""
+    if not may_have_gpu():
+        return cpu_has_native_bf16()
     import torch
 
     if torch.cuda.is_available():

@@ -67,3 +67,25 @@ def test_settings_record_the_resolved_value(monkeypatch):
         assert PPOSettings(task="add", bf16="auto").bf16 is resolved
     with pytest.raises(Exception, match="bf16"):
         parse_settings("align.sft", {"task": "add", "bf16": "sometimes"})
+
+
+def test_validate_checks_settings_without_importing_torch(tmp_path):
+    """Where no GPU driver is there, `auto` is settled from the CPU's flags alone: `polm
+    validate` (which checks every stage's settings) does not pay torch's import."""
+    import subprocess
+    import sys
+
+    from polm.precision import GPU_DEVICE_FILES
+
+    if any(Path(f).exists() for f in GPU_DEVICE_FILES):
+        pytest.skip("a GPU driver is present: torch is asked")
+    recipe = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
+    code = (
+        "import sys; from polm.cli import main; rc = main(['validate', sys.argv[1]]); "
+        "print('torch' in sys.modules); sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ok (" in proc.stdout and proc.stdout.strip().endswith("False"), proc.stdout
