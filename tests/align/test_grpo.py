@@ -1,5 +1,6 @@
 """align.grpo: the verifier and format rewards are right, and the stage trains with them (and
-with a reward model as a second input), recording how reward and KL moved."""
+with a reward model as a second input), recording how reward and KL moved. (How far its
+defaults move the 120-step SFT in 200 steps: bench/calibrations/test_grpo.py.)"""
 
 import pytest
 
@@ -71,17 +72,3 @@ def test_rloo_with_a_reward_model_as_second_input(base_ckpt, tmp_path):
 def test_batch_must_hold_whole_groups():
     with pytest.raises(ValueError, match="multiple of num_generations"):
         GRPOSettings(task="add", num_generations=6, per_device_train_batch_size=32)
-
-
-@pytest.mark.slow
-def test_grpo_raises_accuracy_over_a_weak_sft_start(warm_sft, tmp_path):
-    from polm.evaluate import evaluate_checkpoint
-
-    warm = warm_sft
-    before = evaluate_checkpoint(warm, ["add"], n=500, with_perplexity=False)
-    tuned = run([warm], GRPOSettings(task="add", max_steps=200, logging_steps=50), tmp_path / "g")
-    after = evaluate_checkpoint(tuned, ["add"], n=500, with_perplexity=False)
-    # measured 22.0% -> 35.4% and 37.8% on these 500 examples (seeds 0 and 1)
-    assert after["eval.add.accuracy"] >= before["eval.add.accuracy"] + 0.10, (before, after)
-    m = tuned.manifest.metrics
-    assert m["train.last_reward"] > m["train.first_reward"]
