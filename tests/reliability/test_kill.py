@@ -198,7 +198,8 @@ def test_a_stage_resumed_from_saved_steps_gives_the_uninterrupted_bytes(base_ckp
     uninterrupted run writes: the weights byte for byte and the content hash, so that nothing
     downstream re-runs. Its train_log.json differs (transformers and TRL do not save their
     logging accumulators) and is a record outside the content hash, like the manifest."""
-    sets = [a for kv in ("task=add", "max_steps=30", "save_steps=10") for a in ("--set", kv)]
+    kvs = ("task=add", "max_steps=30", "save_steps=10", "per_device_train_batch_size=8")
+    sets = [a for kv in kvs for a in ("--set", kv)]
 
     def args(out):
         return ["align", "sft", "--from", str(base_ckpt.path), "--out", str(out), *sets]
