@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -48,8 +49,6 @@ GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/d
 
 
 def may_have_gpu() -> bool:
-    import sys
-
     return "torch" in sys.modules or any(os.path.exists(f) for f in GPU_DEVICE_FILES)
 
 
