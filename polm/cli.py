@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("polm: %(message)s"))
         logger.addHandler(handler)
+    logger.propagate = False  # its own handler above, not the root's as well
     logger.setLevel(logging.INFO)
     if not args.verbose:
         from polm.progress import quiet_libraries

@@ -173,6 +173,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # A root handler at WARNING first: GPTQModel's tokenicer calls logging.basicConfig(level=INFO)
+    # when imported, which would otherwise print every library's INFO records (matplotlib's
+    # "generated new fontManager" on a first report); with a handler present it does nothing.
+    logging.basicConfig(level=logging.WARNING)
     _at_least(logging.WARNING)
 
 

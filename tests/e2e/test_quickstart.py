@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import yaml
@@ -31,8 +32,10 @@ NOISE = (
 
 
 def _polm(*args, cwd):
-    """The CLI as a user runs it: tqdm's bars not turned off from outside."""
+    """The CLI as a user runs it: tqdm's bars not turned off from outside, and matplotlib with
+    no font cache yet (it builds one, and logs that, on a user's first report)."""
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    env["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="polm-mpl-")
     return polm_cli(*args, cwd=cwd, timeout=900, env=env, fresh=True)
 
 
