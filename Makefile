@@ -22,13 +22,17 @@ $(VENV_PIP):
 	$(BIN)/pip install -q --upgrade pip
 	touch $(VENV_PIP)
 
-# torch first and pinned (a CPU build on these machines; a range would pull a CUDA build),
-# then polm and its dependencies resolved against the constraints file.
-# (pip byte-compiles at install on purpose: these machines set PYTHONDONTWRITEBYTECODE, so a
-# module pip leaves uncompiled is compiled again by every process that imports it.)
+# torch first, pinned and by pip (pip takes the CPU build these machines keep on disk, through
+# pip's own configuration; a range would pull a CUDA build). Then polm and its dependencies,
+# resolved against the constraints file, by uv (pinned there too): it downloads and unpacks in
+# parallel, and it keeps the torch already installed, which satisfies the pin.
+# (Byte-compiled at install on purpose: these machines set PYTHONDONTWRITEBYTECODE, so a module
+# left uncompiled is compiled again by every process that imports it.)
+UV := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c constraints.txt
 $(STAMP): pyproject.toml constraints.txt $(VENV_PIP)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt uv
+	$(UV) -e ".[dev]"
 	touch $(STAMP)
 
 # llama.cpp (optimize.gguf, gguf checkpoints; the tests need it, the quickstart does not):
@@ -54,7 +58,7 @@ $(LLAMA_WHEEL): $(VENV_PIP)
 	touch $(LLAMA_WHEEL)
 
 $(LLAMA_STAMP): $(STAMP) $(LLAMA_WHEEL)
-	$(BIN)/pip install -q -c constraints.txt $(VENV)/src/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	$(UV) $(VENV)/src/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 	$(BIN)/python -m polm.llamacpp unpack $(LLAMA_CPP_SDIST)
 	touch $(LLAMA_STAMP)
 
