@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 MAX_BATCH = 32
@@ -25,7 +26,10 @@ MAX_BATCH = 32
 class OnnxLM:
     """Greedy generation and next-token logits from an onnx checkpoint directory."""
 
-    def __init__(self, path, threads: int | None = None):
+    def __init__(self, path, threads: int | None = None, lazy: bool = False):
+        """``lazy``: the weights load at the first generation, not here (the ONNX backend's
+        continuous batching runs the graph in its own session and needs this one only for what
+        it does not batch)."""
         import onnxruntime_genai as og
 
         from polm.errors import PolmError
@@ -48,10 +52,24 @@ class OnnxLM:
         if threads:
             opts = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
             config.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
-        self.og = og
-        self.model = og.Model(config)
-        self.tokenizer = og.Tokenizer(self.model)
+        self.og, self._config = og, config
+        self._model = None
+        self._lock = threading.Lock()
+        self.tokenizer = og.Tokenizer(config)  # from the config: no weights loaded for it
         self.eos = set(int(t) for t in self.tokenizer.eos_token_ids)
+        if not lazy:
+            self.load()
+
+    @property
+    def model(self):
+        """onnxruntime-genai's model (the weights in onnxruntime sessions), loaded on first use."""
+        return self._model if self._model is not None else self.load()
+
+    def load(self):
+        with self._lock:
+            if self._model is None:
+                self._model = self.og.Model(self._config)
+        return self._model
 
     def max_length(self, prompt_tokens: int, new_tokens: int) -> int:
         """The generator's ``max_length`` (its KV cache size) for a prompt and answer."""

@@ -1,7 +1,8 @@
 """The ONNX backend's continuous batching (serve/backends/onnx_batch.py), in-process through the
 official `openai` client: 8 concurrent greedy requests of different lengths get the answers
 each gets alone, which are onnxruntime-genai's own greedy answers; seeded sampling gives the
-same answers under concurrency as alone; and the requests really decoded together."""
+same answers under concurrency as alone; the requests really decoded together; and
+onnxruntime-genai's own copy of the weights loads only for what the batch does not take."""
 
 import asyncio
 
@@ -62,3 +63,26 @@ def test_seeded_sampling_is_the_same_under_concurrency(served):
     together = answers(served, PROMPTS, together=True, temperature=1.0)
     assert together == alone
     assert len(set(alone)) > 1
+
+
+def test_the_weights_load_once_until_a_request_needs_onnxruntime_genai(onnx_int4):
+    """With batching, onnxruntime-genai's own copy of the weights waits for a request the batch
+    does not take (here the prompt's log-probs): until then the batch's session holds the only
+    copy."""
+    state = load_state(ServerState(), str(onnx_int4.path))
+    assert state.ready, state.failed
+    try:
+        assert answers(state, PROMPTS[:2], together=True, temperature=0)[0]
+        assert state.backend.lm._model is None
+        c = app_client(state)
+
+        async def echo():
+            return await c.completions.create(
+                model=state.model_id, prompt="12+34", echo=True, logprobs=1, max_tokens=0
+            )
+
+        r = asyncio.run(echo())
+        assert r.choices[0].logprobs.token_logprobs[1] < 0  # the prompt's own log-probs
+        assert state.backend.lm._model is not None
+    finally:
+        state.backend.close()
