@@ -283,10 +283,11 @@ def main() -> None:
                 agg, n = aggregate(s, prompt, a.tokens, a.clients)
             finally:
                 s.stop()
-            read = weight_bytes(*{
+            files = {
                 "polm onnx": (onnx.path, ("model.onnx*",)),
                 "polm transformers": (hf.path, ("*.safetensors",)),
-            }.get(label, (gguf.parent, (gguf.name,))))  # fmt: skip
+            }  # the llama.cpp servers read the GGUF (only the models that have one)
+            read = weight_bytes(*files.get(label) or (gguf.parent, (gguf.name,)))
             rows.append(
                 {
                     "model": name,
