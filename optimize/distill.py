@@ -107,6 +107,13 @@ class DistillSettings(KDSettings):
         "these fields changed, e.g. {hidden_size: 64, intermediate_size: 256}.",
     )
 
+    draft_for_teacher: bool = Field(
+        default=False,
+        description="Record this student as its teacher's draft model: serving the teacher on "
+        "the transformers backend then decodes greedy requests speculatively with it (found in "
+        "the directory beside the teacher's, as a recipe's stages are).",
+    )
+
     @model_validator(mode="after")
     def _check(self):
         if self.student_layers is not None and self.student_config is not None:

@@ -248,6 +248,10 @@ def cmd_serve(a) -> None:
         from polm.checkpoint import Checkpoint
 
         a.model = str(Checkpoint.open(a.model).path.absolute())  # no checkpoint: exit 2 now
+    if a.draft not in (None, "none"):
+        from polm.checkpoint import Checkpoint
+
+        a.draft = str(Checkpoint.open(a.draft).path.absolute())
     if a.adapter:
         named = {}
         for item in a.adapter:
@@ -273,7 +277,8 @@ def cmd_serve(a) -> None:
         a.api_key_file = str(Path(a.api_key_file).expanduser().absolute())
         if not Path(a.api_key_file).is_file():
             raise PolmError(f"--api-key-file {a.api_key_file}: no such file.")
-    keys = ("model", "backend", "served_model_name", "max_concurrency", "api_key_file", "adapters")
+    keys = ("model", "backend", "served_model_name", "max_concurrency", "api_key_file", "adapters",
+            "draft", "draft_tokens")  # fmt: skip
     for key in keys:
         value = getattr(a, key)
         if value is not None:
@@ -385,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=DIR",
         help="also serve this LoRA adapter checkpoint of MODEL under NAME (repeatable)",
     )
+    s.add_argument(
+        "--draft",
+        metavar="DIR",
+        help="speculative decoding: a draft checkpoint with MODEL's tokenizer (e.g. its "
+        "optimize.distill student) proposes tokens MODEL checks (transformers backend); "
+        "default: the student distilled with draft_for_teacher beside MODEL; none: no draft",
+    )
+    s.add_argument("--draft-tokens", dest="draft_tokens", type=int, metavar="N",
+                   help="tokens the draft proposes a step (default 4)")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=3000)
     s.set_defaults(fn=cmd_serve)

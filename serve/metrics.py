@@ -46,6 +46,20 @@ class ServeMetrics:
             buckets=TPOT_BUCKETS,
         )
 
+        # speculative decoding, as vLLM names it: acceptance rate = accepted / draft tokens
+        self.draft_tokens = make(
+            "Counter", "polm:spec_decode_num_draft_tokens", "Tokens a draft model proposed"
+        )
+        self.accepted_tokens = make(
+            "Counter",
+            "polm:spec_decode_num_accepted_tokens",
+            "Draft tokens the served model accepted",
+        )
+
+    def draft(self, proposed: int, accepted: int) -> None:
+        self.draft_tokens.inc(proposed)
+        self.accepted_tokens.inc(accepted)
+
     def watch(self, n_prompt: int) -> Watch:
         """One generation: call :meth:`Watch.token` as pieces arrive, :meth:`Watch.end` once."""
         self.running.inc()

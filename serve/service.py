@@ -12,7 +12,10 @@ no ``max_tokens``: the rest of the context, at most this; default 1024), ``timeo
 (BentoML's request timeout, default 600), ``api_key`` (comma-separated keys that every
 ``/v1`` route then requires as ``Authorization: Bearer``; or ``api_key_file``, one key a
 line), ``adapters`` (``NAME=DIR,NAME=DIR``: LoRA ``peft-adapter`` checkpoints of this very
-base, each served under its own ``model`` name; transformers backend), ``bento_model`` (a
+base, each served under its own ``model`` name; transformers backend), ``draft`` (a checkpoint
+with the model's tokenizer, e.g. its ``optimize.distill`` student: speculative decoding of
+greedy requests on the transformers backend; ``draft_tokens`` proposed a step, default 4),
+``bento_model`` (a
 BentoML model holding the
 checkpoint: what ``polm package bento`` builds into a bento, used when ``model`` is not given).
 
@@ -55,6 +58,12 @@ class ServeArgs(BaseModel):
     adapters: str | None = Field(
         None, description="LoRA adapters served by name beside the base: NAME=DIR,NAME=DIR"
     )
+    draft: str | None = Field(
+        None,
+        description="a draft checkpoint for speculative decoding (same tokenizer); default: "
+        "the distilled student that recorded itself as the model's draft; none: no draft",
+    )
+    draft_tokens: int = Field(4, ge=1, le=16, description="tokens the draft proposes a step")
     bento_model: str | None = Field(
         None, description="the BentoML model holding the checkpoint (polm package bento sets it)"
     )
@@ -114,7 +123,8 @@ class Polm:
             log.exception("adapters")
             self.state.failed = str(e)
             return
-        load_state(self.state, model, ARGS.backend, name, lineage, adapters)
+        load_state(self.state, model, ARGS.backend, name, lineage, adapters,
+                   draft=ARGS.draft, draft_tokens=ARGS.draft_tokens)  # fmt: skip
 
     def __is_ready__(self) -> bool:
         return self.state.ready

@@ -37,19 +37,36 @@ def load_state(
     served_model_name: str | None = None,
     lineage: list[dict] | None = None,
     adapters: dict[str, str] | None = None,
+    draft: str | None = None,
+    draft_tokens: int = 4,
 ) -> ServerState:
     """Open the checkpoint, load it on its backend, warm it up, then mark ``state`` ready; on
     failure record why (the routes answer 503 with it, the log has the traceback).
     ``lineage``: the model card's lineage when the parents are not on disk (a bento's).
     ``adapters``: served name -> a ``peft-adapter`` checkpoint trained on this very base (its
-    manifest's parent hash is the base's), each served under its own name."""
+    manifest's parent hash is the base's), each served under its own name.
+    ``draft``: a checkpoint with the model's tokenizer for speculative decoding (transformers
+    backend), ``draft_tokens`` proposed a step; when not given, the ``optimize.distill`` student
+    that recorded itself as this model's draft (:func:`lineage_draft`); ``"none"``: no draft."""
     try:
         from polm.checkpoint import Checkpoint
         from serve.backends import GenParams, open_backend
+        from serve.backends.choose import choose_backend
 
         ckpt = Checkpoint.open(model or default_model())
         named = check_adapters(ckpt, adapters or {})
-        engine = open_backend(ckpt, backend)
+        options = {}
+        if draft == "none":
+            draft = None
+        elif draft is None and choose_backend(ckpt.format, backend) == "transformers":
+            draft = lineage_draft(ckpt)
+            if draft:
+                log.info("draft model from the lineage: %s (draft_for_teacher)", draft)
+        if draft:
+            options = {"draft": Checkpoint.open(draft), "draft_tokens": draft_tokens}
+        engine = open_backend(ckpt, backend, **options)
+        if draft and state.metrics is not None:
+            engine.on_draft = state.metrics.draft
         if named:
             engine.add_adapters({name: a.path for name, a in named.items()})
         _warm_up(engine, GenParams(max_tokens=4, temperature=0))
@@ -59,6 +76,8 @@ def load_state(
             "stage": ckpt.stage,
             "lineage": lineage if lineage is not None else lineage_records(ckpt),
         }
+        if draft:
+            state.card["draft"] = {"path": str(options["draft"].path), "tokens": draft_tokens}
         state.model_id = served_model_name or ckpt.path.name
         state.adapters = {
             name: {
@@ -76,6 +95,29 @@ def load_state(
         log.exception("loading the model failed")
         state.failed = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
     return state
+
+
+def lineage_draft(ckpt) -> str | None:
+    """The directory of the ``optimize.distill`` student distilled from ``ckpt`` with
+    ``draft_for_teacher: true``, looked for beside ``ckpt`` (a recipe's stages share its work
+    directory); None if there is none. Its manifest names the teacher by content hash."""
+    import json
+
+    from polm.checkpoint import MANIFEST
+
+    for manifest in sorted(ckpt.path.parent.glob(f"*/{MANIFEST}")):
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        parents = data.get("parents") or [{}]
+        if (
+            data.get("stage") == "optimize.distill"
+            and (data.get("settings") or {}).get("draft_for_teacher")
+            and parents[0].get("content_hash") == ckpt.manifest.content_hash
+        ):
+            return str(manifest.parent)
+    return None
 
 
 def parse_adapters(spec: str | None) -> dict[str, str]:

@@ -62,6 +62,18 @@ def _vllm_usable() -> bool:
 def open_backend(ckpt, requested: str | None = None, **options) -> Backend:
     """Load ``ckpt`` (a :class:`polm.checkpoint.Checkpoint`) on the chosen engine."""
     name = choose_backend(ckpt.format, requested)
+    if options.get("draft") is not None and name != "transformers":
+        why = {
+            "onnx": "onnxruntime-genai 0.18 has no draft-model speculative decoding (its "
+            "MtpGenerator runs a model's own multi-token-prediction heads)",
+            "llamacpp": "polm's llama.cpp backend runs llama-cpp-python, whose draft models are "
+            "prompt-lookup only",
+            "vllm": "polm does not pass a draft to vLLM yet",
+        }[name]
+        raise PolmError(
+            f"a draft model runs on the transformers backend; {ckpt.path} is served on the "
+            f"{name} backend, and {why}. Serve it with --backend transformers."
+        )
     if name == "onnx":
         from serve.backends.onnx import OnnxBackend
 

@@ -7,6 +7,14 @@ together, one forward pass per token, sampling each row with its own settings an
 that finish (end of sequence, ``max_tokens``, a stop string, a client that went away) leave the
 batch and its KV cache at once. Requests that arrive meanwhile wait for the next batch: this is
 static batching, not vLLM's continuous batching, which is the GPU backend's job.
+
+Speculative decoding with a draft model (``draft``: a polm checkpoint with the same vocabulary,
+e.g. the ``optimize.distill`` student of the served model): a request that decodes alone and
+greedily has the draft propose ``draft_tokens`` tokens, one cheap forward pass each, and the
+served model checks them all in one forward pass; the longest prefix it agrees with is kept,
+plus its own next token. Greedy answers are the served model's own, token for token; only the
+number of its forward passes changes. ``stats["draft"]`` counts tokens proposed and accepted
+(the acceptance rate on ``/metrics``). Rows of a batch, and sampled requests, decode without it.
 """
 
 from __future__ import annotations
@@ -23,7 +31,15 @@ from serve.backends.base import Job, Sampler, TokenBackend, deliver, prompt_logp
 class TransformersBackend(TokenBackend):
     name = "transformers"
 
-    def __init__(self, ckpt, device: str | None = None, max_batch: int = 32, batch_wait_s=0.005):
+    def __init__(
+        self,
+        ckpt,
+        device: str | None = None,
+        max_batch: int = 32,
+        batch_wait_s=0.005,
+        draft=None,
+        draft_tokens: int = 4,
+    ):
         import torch
 
         self.torch = torch
@@ -46,11 +62,31 @@ class TransformersBackend(TokenBackend):
         if self.pad_id is None:
             self.pad_id = min(self.eos)
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.draft, self.draft_tokens = None, draft_tokens
+        # a sliding-window cache cannot be cut back once past its window (Gemma 3)
+        self.window = int(getattr(cfg, "sliding_window", 0) or 0)
+        self.on_draft = None  # called with (proposed, accepted) after each check (/metrics)
+        if draft is not None:
+            self.draft = self._load_draft(draft, dtype)
         self.adapters: set[str] = set()
         self.stats = {"batches": 0, "requests": 0, "max_rows": 0}  # what batching achieved
+        self.stats["draft"] = {"proposed": 0, "accepted": 0, "checks": 0}
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.worker = threading.Thread(target=self._serve, name="polm-transformers", daemon=True)
         self.worker.start()
+
+    def _load_draft(self, draft, dtype):
+        """The draft model, refused unless it reads and writes the same tokens."""
+        from polm.errors import PolmError
+
+        model, tokenizer = load_model(draft, dtype=dtype)
+        if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise PolmError(
+                f"the draft {draft.path} has another vocabulary than the served model "
+                f"({len(tokenizer)} against {len(self.tokenizer)} tokens): a draft must share "
+                "the served model's tokenizer (an optimize.distill student of it does)"
+            )
+        return model.to(self.device).eval()
 
     # ---- the Backend interface ---------------------------------------------------------
 
@@ -140,6 +176,8 @@ class TransformersBackend(TokenBackend):
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
+        if len(batch) == 1 and self._speculates(batch[0]):
+            return self._speculate(batch[0])
         width = max(len(j.prompt_ids) for j in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -221,6 +259,82 @@ class TransformersBackend(TokenBackend):
                 **extra(live),
             )
             last = out.logits[:, -1, :]
+
+    # ---- speculative decoding ---------------------------------------------------------
+
+    def _speculates(self, job: Job) -> bool:
+        p = job.params
+        if self.draft is None or not p.plain_greedy() or p.prompt_logprobs is not None:
+            return False
+        if self.adapters or p.max_tokens < 1:  # adapters: each row names its own
+            return False
+        end = len(job.prompt_ids) + p.max_tokens + self.draft_tokens
+        return end <= self.context_length and (not self.window or end <= self.window)
+
+    def _speculate(self, job: Job) -> None:
+        """Greedy decoding of one request, ``draft_tokens`` proposed by the draft a step and
+        checked by the served model in one forward pass (the module docstring).
+
+        The served model's cache holds every token emitted so far; ``tok`` is its choice for
+        the next one. The draft's cache lacks ``unseen``, the emitted tokens it has not read."""
+        from transformers import DynamicCache
+
+        torch, dev, p = self.torch, self.device, job.params
+        cache = DynamicCache(config=self.model.config)
+        draft_cache = DynamicCache(config=self.draft.config)
+        prompt = torch.tensor([job.prompt_ids], device=dev)
+        logits = self.model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
+        if len(job.prompt_ids) > 1:
+            self.draft(input_ids=prompt[:, :-1], past_key_values=draft_cache, use_cache=True)
+        unseen, tok, made = [job.prompt_ids[-1]], int(logits[0, -1].argmax()), 0
+        stats = self.stats["draft"]
+        while not job.cancelled.is_set():
+            # emit ``tok``, the served model's choice
+            if tok in self.eos:
+                return job.finish("stop")
+            made += 1
+            if made >= p.max_tokens:
+                return deliver([(job, tok), (job, "length")])
+            deliver([(job, tok)])
+            # the draft proposes k tokens: at most what may still be emitted after one more
+            k = min(self.draft_tokens, p.max_tokens - made - 1)
+            unseen.append(tok)
+            step, proposal = torch.tensor([unseen], device=dev), []
+            for _ in range(k):
+                out = self.draft(input_ids=step, past_key_values=draft_cache, use_cache=True)
+                proposal.append(int(out.logits[0, -1].argmax()))
+                step = torch.tensor([[proposal[-1]]], device=dev)
+            # the served model reads tok and the proposal at once: its choice after each
+            check = torch.tensor([[tok, *proposal]], device=dev)
+            out = self.model(input_ids=check, past_key_values=cache, use_cache=True)
+            choice = out.logits[0].argmax(-1).tolist()
+            m = 0
+            while m < k and proposal[m] == choice[m]:
+                m += 1
+            stats["proposed"] += k
+            stats["accepted"] += m
+            stats["checks"] += 1
+            if self.on_draft is not None:
+                self.on_draft(k, m)
+            # both caches back to tok and the m accepted tokens; the draft never read the last
+            # proposal, so when all k are accepted it still has that one to read
+            cache.crop(-(k - m))
+            if m < k:
+                draft_cache.crop(-(k - 1 - m))
+                unseen = []
+            elif k:
+                unseen = [proposal[-1]]
+            events = []
+            for t in proposal[:m]:
+                if t in self.eos:
+                    deliver(events)
+                    return job.finish("stop")
+                events.append((job, t))
+                made += 1
+                if made >= p.max_tokens:
+                    return deliver([*events, (job, "length")])
+            deliver(events)
+            tok = choice[m]
 
 
 def _pick_rows(logits, samplers: list[Sampler]) -> list[tuple[int, object]]:
