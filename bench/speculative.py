@@ -5,7 +5,8 @@ tiny-base teacher alone and with distilled drafts, side by side in one run, as r
 
 The teacher: a full SFT of builtin:tiny-base on ``add`` (``--steps``). The drafts: students
 distilled from it (``optimize.distill``, the teacher's own answers as targets, ``seq_kd``),
-one of half its depth (``every_other``, 2 of 4 layers) and one of a single layer. Each
+one of half its depth (``every_other``, 2 of 4 layers) and one of a single layer, each run by
+transformers and, exported to ONNX (fp32), by onnxruntime-genai. Each
 configuration answers the same ``--requests`` held-out prompts one at a time (greedy, at most
 48 tokens), in-process through the serving backend; the answers must be the teacher's own, and
 the table gives tokens/s, the acceptance rate (draft tokens the teacher accepted) and the
@@ -20,10 +21,13 @@ import argparse
 import asyncio
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+# the repository first, not bench/ (whose serve.py would shadow the serve package)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
@@ -36,10 +40,17 @@ def build(work: Path, steps: int):
 
     base = import_model("builtin:tiny-base", work / "base")
     teacher = sft([base], SFTSettings(task="add", max_steps=steps), work / "teacher")
+    from optimize.onnx import OnnxSettings
+    from optimize.onnx import run as onnx
+
     drafts = {}
     for name, layers in (("half depth", "every_other"), ("one layer", [0])):
         s = DistillSettings(task="add", student_layers=layers, max_steps=steps, seq_kd=True)
-        drafts[name] = distill([teacher], s, work / name.replace(" ", "_"))
+        student = distill([teacher], s, work / name.replace(" ", "_"))
+        drafts[name] = student
+        # the same student exported to ONNX (fp32), run by onnxruntime-genai
+        out = work / f"{name.replace(' ', '_')}_onnx"
+        drafts[f"{name} onnx"] = onnx([student], OnnxSettings(precision="fp32", parity_n=0), out)
     return teacher, drafts
 
 

@@ -76,17 +76,27 @@ class TransformersBackend(TokenBackend):
         self.worker.start()
 
     def _load_draft(self, draft, dtype):
-        """The draft model, refused unless it reads and writes the same tokens."""
+        """The draft model, refused unless it reads and writes the same tokens: a torch
+        checkpoint, or an ``onnx`` export run by onnxruntime-genai (a forward pass of a small
+        model there costs a fraction of one through transformers)."""
         from polm.errors import PolmError
 
-        model, tokenizer = load_model(draft, dtype=dtype)
-        if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+        if draft.format == "onnx":
+            from tokenizers import Tokenizer
+
+            vocab = Tokenizer.from_file(str(draft.path / "tokenizer.json")).get_vocab()
+            made = _OnnxDraft(draft.path)
+        else:
+            model, tokenizer = load_model(draft, dtype=dtype)
+            vocab = tokenizer.get_vocab()
+            made = _TorchDraft(model.to(self.device).eval(), self.device)
+        if vocab != self.tokenizer.get_vocab():
             raise PolmError(
                 f"the draft {draft.path} has another vocabulary than the served model "
-                f"({len(tokenizer)} against {len(self.tokenizer)} tokens): a draft must share "
-                "the served model's tokenizer (an optimize.distill student of it does)"
+                f"({len(vocab)} against {len(self.tokenizer.get_vocab())} tokens): a draft must "
+                "share the served model's tokenizer (an optimize.distill student of it does)"
             )
-        return model.to(self.device).eval()
+        return made
 
     # ---- the Backend interface ---------------------------------------------------------
 
@@ -281,11 +291,10 @@ class TransformersBackend(TokenBackend):
 
         torch, dev, p = self.torch, self.device, job.params
         cache = DynamicCache(config=self.model.config)
-        draft_cache = DynamicCache(config=self.draft.config)
         prompt = torch.tensor([job.prompt_ids], device=dev)
         logits = self.model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
-        if len(job.prompt_ids) > 1:
-            self.draft(input_ids=prompt[:, :-1], past_key_values=draft_cache, use_cache=True)
+        draft = self.draft
+        draft.start(job.prompt_ids[:-1], len(job.prompt_ids) + p.max_tokens + self.draft_tokens)
         unseen, tok, made = [job.prompt_ids[-1]], int(logits[0, -1].argmax()), 0
         stats = self.stats["draft"]
         while not job.cancelled.is_set():
@@ -299,11 +308,7 @@ class TransformersBackend(TokenBackend):
             # the draft proposes k tokens: at most what may still be emitted after one more
             k = min(self.draft_tokens, p.max_tokens - made - 1)
             unseen.append(tok)
-            step, proposal = torch.tensor([unseen], device=dev), []
-            for _ in range(k):
-                out = self.draft(input_ids=step, past_key_values=draft_cache, use_cache=True)
-                proposal.append(int(out.logits[0, -1].argmax()))
-                step = torch.tensor([[proposal[-1]]], device=dev)
+            proposal = draft.propose(unseen, k) if k else []
             # the served model reads tok and the proposal at once: its choice after each
             check = torch.tensor([[tok, *proposal]], device=dev)
             out = self.model(input_ids=check, past_key_values=cache, use_cache=True)
@@ -320,7 +325,7 @@ class TransformersBackend(TokenBackend):
             # proposal, so when all k are accepted it still has that one to read
             cache.crop(-(k - m))
             if m < k:
-                draft_cache.crop(-(k - 1 - m))
+                draft.back(k - 1 - m)
                 unseen = []
             elif k:
                 unseen = [proposal[-1]]
@@ -335,6 +340,68 @@ class TransformersBackend(TokenBackend):
                     return deliver([*events, (job, "length")])
             deliver(events)
             tok = choice[m]
+
+
+class _TorchDraft:
+    """A draft model through transformers: ``start`` reads a prompt, ``propose`` reads the
+    tokens it has not seen and proposes ``k`` greedily (reading all but the last), ``back``
+    forgets the last ``n`` tokens it read."""
+
+    def __init__(self, model, device):
+        import torch
+
+        self.torch, self.model, self.device = torch, model, device
+
+    def start(self, ids: list[int], max_length: int) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        if ids:
+            self._step(ids)
+
+    def _step(self, ids: list[int]) -> int:
+        x = self.torch.tensor([ids], device=self.device)
+        out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True)
+        return int(out.logits[0, -1].argmax())
+
+    def propose(self, unseen: list[int], k: int) -> list[int]:
+        out = [self._step(unseen)]
+        while len(out) < k:
+            out.append(self._step([out[-1]]))
+        return out
+
+    def back(self, n: int) -> None:
+        self.cache.crop(-n)
+
+
+class _OnnxDraft(_TorchDraft):
+    """The same on an ``onnx`` export, through onnxruntime-genai's generator (``rewind_to``)."""
+
+    def __init__(self, path):
+        import numpy as np
+
+        from polm.onnxrt import OnnxLM
+
+        self.np, self.lm = np, OnnxLM(path)
+
+    def start(self, ids: list[int], max_length: int) -> None:
+        og = self.lm.og
+        params = og.GeneratorParams(self.lm.model)
+        params.set_search_options(max_length=self.lm.max_length(max_length, 1), do_sample=False)
+        self.gen, self.read = og.Generator(self.lm.model, params), 0
+        if ids:
+            self.gen.append_tokens(self.np.array(ids, dtype=self.np.int32))
+            self.read = len(ids)
+
+    def _step(self, ids: list[int]) -> int:
+        self.gen.append_tokens(self.np.array(ids, dtype=self.np.int32))
+        self.read += len(ids)
+        return int(self.np.asarray(self.gen.get_logits())[0, -1].argmax())
+
+    def back(self, n: int) -> None:
+        if n:
+            self.read -= n
+            self.gen.rewind_to(self.read)
 
 
 def _pick_rows(logits, samplers: list[Sampler]) -> list[tuple[int, object]]:

@@ -1,7 +1,8 @@
 """Speculative decoding on the transformers backend (``draft``), in-process through the official
 `openai` client: greedy answers with a draft are the answers without one, token for token,
 whether the draft agrees with every proposal (the served model as its own draft: every token
-accepted) or with some (the base under its SFT); the acceptance counts reach ``/metrics``;
+accepted) or with some (the base under its SFT), a torch draft or an onnx one; the acceptance
+counts reach ``/metrics``;
 a draft with another vocabulary, or on a backend that cannot take one, is refused by name."""
 
 import asyncio
@@ -107,6 +108,18 @@ def test_a_draft_that_disagrees_changes_no_answer_and_is_counted(add_sft, base_c
         )
         assert r.choices[0].message.content is not None
         assert state.backend.stats["draft"] == before
+    finally:
+        state.backend.close()
+
+
+def test_an_onnx_draft_changes_no_answer(add_sft, onnx_int4, plain):
+    """The served model's own int4 export as its draft, run by onnxruntime-genai (rewound to
+    the accepted tokens after every check)."""
+    state = served(add_sft, draft=str(onnx_int4.path))
+    try:
+        assert greedy(state, PROMPTS) == plain
+        counts = state.backend.stats["draft"]
+        assert counts["accepted"] > counts["proposed"] / 2
     finally:
         state.backend.close()
 
