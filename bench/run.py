@@ -22,6 +22,8 @@ Runs by default (CPU only, about 10-15 minutes on 2 cores):
                                   pytest on two workers, ~15 minutes): RLHF, DPO's defaults,
                                   LoRA and replay SFT, distillation, 1-bit recovery; the test
                                   suite keeps a short check of each. One row per calibration
+  speculative                     greedy decode of a tiny-base teacher alone and with distilled
+                                  drafts, torch and ONNX (bench/speculative.py, ~2 minutes)
 
 Separate, added with ``--include NAME`` (their output is kept in the JSON, one row each):
 
@@ -224,6 +226,9 @@ DEFAULT = {
     "precision": precision,
     "moe-quality": moe_quality,
     "calibrations": calibrations,
+    "speculative": _script(
+        "speculative", ["speculative.py"], "greedy decode with distilled drafts vs alone"
+    ),
 }
 OPTIONAL = {
     "sft-quality": _script("sft-quality", ["sft_quality.py"], "SFT accuracy per step budget"),
