@@ -111,7 +111,8 @@ class DistillSettings(KDSettings):
         default=False,
         description="Record this student as its teacher's draft model: serving the teacher on "
         "the transformers backend then decodes greedy requests speculatively with it (found in "
-        "the directory beside the teacher's, as a recipe's stages are).",
+        "the directory beside the teacher's, as a recipe's stages are; its onnx export, where "
+        "one sits there too).",
     )
 
     @model_validator(mode="after")

@@ -98,26 +98,40 @@ def load_state(
 
 
 def lineage_draft(ckpt) -> str | None:
-    """The directory of the ``optimize.distill`` student distilled from ``ckpt`` with
-    ``draft_for_teacher: true``, looked for beside ``ckpt`` (a recipe's stages share its work
-    directory); None if there is none. Its manifest names the teacher by content hash."""
+    """The draft recorded for ``ckpt``, looked for beside it (a recipe's stages share its work
+    directory): the ``optimize.distill`` student distilled from it with ``draft_for_teacher:
+    true`` (its manifest names the teacher by content hash), or that student's ``onnx`` export
+    where one sits beside it too, which drafts faster (onnxruntime's forward pass of a small
+    model costs a fraction of transformers'). None if there is none."""
     import json
 
     from polm.checkpoint import MANIFEST
 
+    manifests = {}
     for manifest in sorted(ckpt.path.parent.glob(f"*/{MANIFEST}")):
         try:
-            data = json.loads(manifest.read_text())
+            manifests[manifest.parent] = json.loads(manifest.read_text())
         except (OSError, ValueError):
             continue
-        parents = data.get("parents") or [{}]
-        if (
-            data.get("stage") == "optimize.distill"
-            and (data.get("settings") or {}).get("draft_for_teacher")
-            and parents[0].get("content_hash") == ckpt.manifest.content_hash
-        ):
-            return str(manifest.parent)
-    return None
+
+    def child(parent_hash: str, stage: str, settings=lambda s: True):
+        for path, data in manifests.items():
+            parents = data.get("parents") or [{}]
+            if (
+                data.get("stage") == stage
+                and settings(data.get("settings") or {})
+                and parents[0].get("content_hash") == parent_hash
+            ):
+                return path, data
+        return None, None
+
+    student, data = child(
+        ckpt.manifest.content_hash, "optimize.distill", lambda s: s.get("draft_for_teacher")
+    )
+    if student is None:
+        return None
+    export, _ = child(data.get("content_hash"), "optimize.onnx")
+    return str(export or student)
 
 
 def parse_adapters(spec: str | None) -> dict[str, str]:

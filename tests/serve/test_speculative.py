@@ -164,6 +164,17 @@ def test_serving_the_teacher_takes_its_distilled_draft_from_the_lineage(teacher_
         assert state.backend.stats["draft"]["accepted"] > 0
     finally:
         state.backend.close()
+    # the student's onnx export beside it drafts faster: it is taken instead
+    from optimize.onnx import OnnxSettings
+    from optimize.onnx import run as onnx
+
+    export = onnx([student], OnnxSettings(precision="fp32", parity_n=0), student.path.parent / "x")
+    state = served(teacher)
+    try:
+        assert state.card["draft"]["path"] == str(export.path)
+        assert greedy(state, PROMPTS) == plain
+    finally:
+        state.backend.close()
     alone = served(teacher, draft="none")  # and "none" turns it off
     assert "draft" not in alone.card and alone.backend.draft is None
     alone.backend.close()
