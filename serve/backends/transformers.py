@@ -385,6 +385,13 @@ class _OnnxDraft(_TorchDraft):
         # one thread: a draft step is too small to share, and onnxruntime's pool threads would
         # spin between steps on the cores the served model's forward pass needs
         self.np, self.lm = np, OnnxLM(path, threads=1)
+        if self.lm.min_cache:  # a sliding window drops the positions a rewind goes back to
+            from polm.errors import PolmError
+
+            raise PolmError(
+                f"the draft {path} is an onnx export with sliding-window layers; polm rewinds "
+                "an onnx draft only with a full cache: use its torch checkpoint as the draft"
+            )
 
     def start(self, ids: list[int], max_length: int) -> None:
         # one generator for every request, rewound to nothing: making one took 12.7 ms a request
