@@ -103,35 +103,33 @@ def lineage_draft(ckpt) -> str | None:
     true`` (its manifest names the teacher by content hash), or that student's ``onnx`` export
     where one sits beside it too, which drafts faster (onnxruntime's forward pass of a small
     model costs a fraction of transformers'). None if there is none."""
-    import json
+    from polm.checkpoint import MANIFEST, Checkpoint
+    from polm.errors import PolmError
 
-    from polm.checkpoint import MANIFEST
-
-    manifests = {}
+    beside = []
     for manifest in sorted(ckpt.path.parent.glob(f"*/{MANIFEST}")):
         try:
-            manifests[manifest.parent] = json.loads(manifest.read_text())
-        except (OSError, ValueError):
+            beside.append(Checkpoint.open(manifest.parent))
+        except PolmError:
             continue
 
-    def child(parent_hash: str, stage: str, settings=lambda s: True):
-        for path, data in manifests.items():
-            parents = data.get("parents") or [{}]
-            if (
-                data.get("stage") == stage
-                and settings(data.get("settings") or {})
-                and parents[0].get("content_hash") == parent_hash
-            ):
-                return path, data
-        return None, None
+    def made_from(parent, stage: str) -> list:
+        return [
+            c
+            for c in beside
+            if c.stage == stage
+            and c.manifest.parents
+            and c.manifest.parents[0].content_hash == parent.manifest.content_hash
+        ]
 
-    student, data = child(
-        ckpt.manifest.content_hash, "optimize.distill", lambda s: s.get("draft_for_teacher")
-    )
-    if student is None:
+    students = [
+        c
+        for c in made_from(ckpt, "optimize.distill")
+        if c.manifest.settings.get("draft_for_teacher")
+    ]
+    if not students:
         return None
-    export, _ = child(data.get("content_hash"), "optimize.onnx")
-    return str(export or student)
+    return str((made_from(students[0], "optimize.onnx") or students)[0].path)
 
 
 def parse_adapters(spec: str | None) -> dict[str, str]:
