@@ -238,11 +238,20 @@ def _params(
             param="max_tokens",
             code="context_length_exceeded",
         )
+    max_tokens = budget if budget is not None else min(ctx - n_prompt, state.default_max_tokens)
+    if req.min_tokens > max_tokens:
+        raise APIError(
+            400,
+            f"min_tokens {req.min_tokens} is more than max_tokens {max_tokens}",
+            param="min_tokens",
+        )
     bias = req.bias()
     _check_token_ids(state, list(bias), "logit_bias")
     constraint = _constraint(req) if isinstance(req, ChatCompletionRequest) else None
     return GenParams(
-        max_tokens=budget if budget is not None else min(ctx - n_prompt, state.default_max_tokens),
+        max_tokens=max_tokens,
+        ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         # each of n choices samples on its own; with a seed, choice i takes seed + i

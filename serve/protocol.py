@@ -69,6 +69,10 @@ class Sampling(Strict):
         | None
     ) = Field(None, description="token id (a decimal string) -> bias added to its logit")
     user: str | None = Field(None, max_length=256)
+    # vLLM's extensions (also llama.cpp's ``ignore_eos``): the end-of-sequence token cannot
+    # be drawn at all, or not before ``min_tokens`` tokens
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_CAP)
 
     def stop_list(self) -> list[str]:
         if self.stop is None or self.stop == "":

@@ -28,11 +28,15 @@ class GenParams:
     # decoding held to a grammar: ("json_schema", schema) or ("lark", llguidance Lark text)
     constraint: tuple | None = None
     adapter: str | None = None  # a LoRA adapter served by name, None for the base
+    ignore_eos: bool = False  # the end-of-sequence tokens are never drawn
+    min_tokens: int = 0  # ... nor before this many tokens
 
     def plain_greedy(self) -> bool:
         """Greedy with nothing to adjust or report: an argmax over the raw logits is enough."""
         return (
             self.temperature == 0
+            and not self.ignore_eos
+            and not self.min_tokens
             and not self.logit_bias
             and not self.presence_penalty
             and not self.frequency_penalty
@@ -65,22 +69,36 @@ class Piece:
 class Sampler:
     """One request's next token from the model's logits (a numpy vector): the logit bias, the
     presence and frequency penalties over the tokens generated so far (OpenAI's definitions),
-    then the structured-output mask (``matcher``: :class:`serve.grammar.Matcher`), then greedy
-    at temperature 0, else nucleus sampling with the request's own seeded generator; and, when
-    asked for, the chosen token's log-prob and the most likely alternatives.
-    Every token backend samples through it, so that all of them sample alike."""
+    the end-of-sequence tokens (``eos``) masked with ``ignore_eos`` or before ``min_tokens``
+    (as llama.cpp and vLLM do), then the structured-output mask (``matcher``:
+    :class:`serve.grammar.Matcher`), then greedy at temperature 0, else nucleus sampling with
+    the request's own seeded generator; and, when asked for, the chosen token's log-prob and
+    the most likely alternatives. Every token backend samples through it, so that all of them
+    sample alike."""
 
-    def __init__(self, params: GenParams, matcher=None):
+    def __init__(self, params: GenParams, matcher=None, eos=()):
         import numpy as np
 
         self.np, self.p, self.matcher = np, params, matcher
+        self.eos = sorted(eos)
+        self.made = 0
         self.rng = np.random.default_rng(params.seed)
         self.counts: Counter[int] = Counter()
 
     def pick(self, logits) -> tuple[int, TokenLogprob | None]:
         np, p = self.np, self.p
         raw = np.asarray(logits, dtype=np.float32)
-        z = raw.astype(np.float64)  # a copy: the engine's buffer stays as it was
+        z = raw
+        no_eos = self.eos and (p.ignore_eos or self.made < p.min_tokens)
+        if (
+            no_eos
+            or p.logit_bias
+            or self.matcher is not None
+            or (self.counts and (p.presence_penalty or p.frequency_penalty))
+        ):
+            z = raw.astype(np.float64)  # a copy: the engine's buffer stays as it was
+        if no_eos:
+            z[self.eos] = -np.inf
         if p.logit_bias:
             ids = list(p.logit_bias)
             z[ids] += np.fromiter(p.logit_bias.values(), np.float64, len(ids))
@@ -93,23 +111,51 @@ class Sampler:
         if p.temperature == 0:
             tok = int(np.argmax(z))
         else:
-            z = z / p.temperature
-            probs = np.exp(z - z.max())
-            probs /= probs.sum()
-            if p.top_p < 1.0:
-                order = np.argsort(-probs)
-                ranked = probs[order]
-                ranked[np.cumsum(ranked) - ranked >= p.top_p] = 0  # keep the smallest nucleus
-                probs = np.zeros_like(probs)
-                probs[order] = ranked
-                probs /= probs.sum()
-            cdf = np.cumsum(probs)
-            tok = int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1]), len(probs) - 1))
+            tok = self._sample(z)
         self.counts[tok] += 1
+        self.made += 1
         if self.matcher is not None:
             self.matcher.take(tok)
         lp = None if p.logprobs is None else token_logprob(raw, tok, p.logprobs)
         return tok, lp
+
+    def _sample(self, z) -> int:
+        """Nucleus sampling at the request's temperature, with the request's generator."""
+        np, p = self.np, self.p
+        w = np.subtract(z, z.max(), dtype=np.float64)
+        w *= 1.0 / p.temperature
+        np.exp(w, out=w)
+        if p.top_p < 1.0:
+            w /= w.sum()
+            order = np.argsort(-w, kind="stable")
+            ranked = w[order]
+            ranked[np.cumsum(ranked) - ranked >= p.top_p] = 0  # keep the smallest nucleus
+            w = np.zeros_like(w)
+            w[order] = ranked
+        return draw(w, self.rng.random())
+
+
+BLOCK = 1024
+
+
+def draw(w, u: float) -> int:
+    """The index where ``u`` (in [0, 1)) falls in the cumulative sum of the weights ``w``: the
+    first ``i`` with ``cumsum(w)[i] >= u * sum(w)``. A whole-vocabulary cumsum is a serial pass
+    (0.8 ms for Gemma 3's 262k tokens, a fifth of a 16-row batch's step, bench/serve.py), so
+    the sum goes by blocks: the block it falls in first, then the token within that block."""
+    import numpy as np
+
+    n = len(w)
+    if n <= 4 * BLOCK:
+        cdf = np.cumsum(w)
+        return min(int(np.searchsorted(cdf, u * cdf[-1])), n - 1)
+    starts = np.arange(0, n, BLOCK)
+    sums = np.cumsum(np.add.reduceat(w, starts))
+    target = u * sums[-1]
+    k = min(int(np.searchsorted(sums, target)), len(starts) - 1)
+    rest = target - (sums[k - 1] if k else 0.0)
+    cdf = np.cumsum(w[starts[k] : starts[k] + BLOCK])
+    return int(starts[k]) + min(int(np.searchsorted(cdf, rest)), len(cdf) - 1)
 
 
 def log_softmax(logits):
@@ -245,16 +291,18 @@ class TokenBackend(Backend):
     """A backend whose worker produces token ids; subclasses implement :meth:`submit`."""
 
     _guide = None
+    eos: frozenset[int] | set[int] = frozenset()  # the end-of-sequence token ids
 
     def sampler(self, params: GenParams) -> Sampler:
         """A request's :class:`Sampler`, with its structured-output matcher if it asks for one."""
+        eos = self.eos if params.ignore_eos or params.min_tokens else ()
         if params.constraint is None:
-            return Sampler(params)
+            return Sampler(params, eos=eos)
         if self._guide is None:
             from serve.grammar import Guide
 
             self._guide = Guide(self._guide_tokenizer)
-        return Sampler(params, self._guide.matcher(params.constraint))
+        return Sampler(params, self._guide.matcher(params.constraint), eos=eos)
 
     def _guide_tokenizer(self):
         """This backend's tokenizer as llguidance's ``LLTokenizer`` (structured outputs)."""

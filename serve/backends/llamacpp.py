@@ -10,6 +10,7 @@ top_p, a seeded generator per request) and greedy answers equal ``polm eval``'s.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,12 +47,17 @@ class LlamaCppBackend(TokenBackend):
     def submit(self, job: Job) -> None:
         self.pool.submit(self._run, job)
 
+    @functools.cached_property
+    def eos(self) -> frozenset[int]:
+        """llama.cpp's end-of-generation tokens (eos, eot, ...), found once when first asked."""
+        return frozenset(t for t in range(self.n_vocab) if self.lm.is_end(t))
+
     def _guide_tokenizer(self):
         import warnings
 
         from llguidance.llamacpp import lltokenizer_from_vocab
 
-        ends = [t for t in range(self.n_vocab) if self.lm.is_end(t)]
+        ends = sorted(self.eos)
         vocab = self.llm._model.vocab  # noqa: SLF001
         with warnings.catch_warnings():  # llguidance calls a deprecated alias once per token
             warnings.simplefilter("ignore", DeprecationWarning)

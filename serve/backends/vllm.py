@@ -66,6 +66,8 @@ class VllmBackend(Backend):
             logit_bias=params.logit_bias or None,
             logprobs=params.logprobs,
             prompt_logprobs=params.prompt_logprobs,
+            ignore_eos=params.ignore_eos,
+            min_tokens=params.min_tokens,
             **_structured(params),
         )
         rid = uuid.uuid4().hex

@@ -201,6 +201,32 @@ def test_logit_bias_forces_and_forbids_tokens(served):
     assert forced.choices[0].message.content == "7" * 6
 
 
+def test_ignore_eos_and_min_tokens_keep_generating_past_the_answer(served):
+    """vLLM's ``ignore_eos`` and ``min_tokens`` (sent through the client's ``extra_body``): the
+    answer that ends on its own runs to ``max_tokens``, or at least ``min_tokens``; the greedy
+    start is unchanged, and ``min_tokens`` above ``max_tokens`` is a 400 naming the field."""
+    import openai
+
+    prompt = ADD[0].prompt
+    plain = run(_chat(served, prompt, temperature=0, max_tokens=200))
+    ended = plain.usage.completion_tokens
+    assert plain.choices[0].finish_reason == "stop" and ended < 190
+    text = plain.choices[0].message.content
+    more = run(
+        _chat(served, prompt, temperature=0, max_tokens=ended + 6, extra_body={"ignore_eos": True})
+    )
+    assert more.choices[0].finish_reason == "length"
+    assert more.usage.completion_tokens == ended + 6
+    assert more.choices[0].message.content.startswith(text)
+    least = run(
+        _chat(served, prompt, temperature=0, max_tokens=200, extra_body={"min_tokens": ended + 3})
+    )
+    assert least.usage.completion_tokens >= ended + 3
+    with pytest.raises(openai.BadRequestError) as e:
+        run(_chat(served, prompt, max_tokens=4, extra_body={"min_tokens": 5}))
+    assert e.value.body["param"] == "min_tokens"
+
+
 def test_the_frequency_penalty_lowers_repetition(served):
     prompt = ADD[0].prompt
 
@@ -441,3 +467,20 @@ def test_two_hundred_schema_answers_parse_and_validate(served):
     for schema, choice in done:
         assert choice.finish_reason == "stop", choice.message.content
         jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_the_blockwise_draw_is_the_inverse_cdf():
+    """``draw`` sums by blocks (a whole-vocabulary cumsum is slow); it picks what the plain
+    inverse CDF picks, on weights with zeros, across block edges and at both ends."""
+    import numpy as np
+
+    from serve.backends.base import BLOCK, draw
+
+    rng = np.random.default_rng(0)
+    for n in (7, 4 * BLOCK, 10 * BLOCK + 3):
+        w = rng.random(n) * (rng.random(n) < 0.3)
+        cdf = np.cumsum(w)
+        for u in [0.0, 1 - 1e-12, *rng.random(300)]:
+            want = min(int(np.searchsorted(cdf, u * cdf[-1])), n - 1)
+            got = draw(w, u)
+            assert got == want, (n, u)
