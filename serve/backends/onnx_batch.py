@@ -9,14 +9,21 @@ penalties, ``logit_bias`` or polm's structured outputs), and fails on Gemma 3's 
 layers as soon as two prompts differ in length; its batched ``Generator`` takes no rows
 mid-flight. So polm steps the graph itself, as the builder wrote it:
 
+- the batch's cache is one buffer per layer's keys and values, with a row for every running
+  request: each past input and its present output are bound to the same buffer (I/O binding),
+  and ``GroupQueryAttention`` writes each step's position in place (its shared-buffer mode,
+  as onnxruntime-genai runs the export), so no step copies the cache. Before, every step wrote
+  a new copy of the whole cache: Gemma 3 270M under 16 clients, 216 tok/s and a 1335 MB peak
+  (bench/serve.py); now 293 tok/s and 770 MB;
 - a request joins between two steps: its prompt runs alone (batch 1, no padding, which the
-  sliding-window kernel requires), and its key/value cache joins the batch's;
-- the batch's cache is right-padded: each row's ``attention_mask`` counts its own tokens, and
+  sliding-window kernel requires) into the next free row;
+- rows are right-padded: each row's ``attention_mask`` counts its own tokens, and
   ``GroupQueryAttention`` reads each row's length from it, so rows of any length decode in one
-  pass (sliding-window layers keep their fixed window-sized cache);
+  pass (sliding-window layers need a buffer as long as their window);
 - each row samples with its own :class:`~serve.backends.base.Sampler` (settings, seed,
   structured output), so an answer does not depend on what it was batched with;
-- a finished or cancelled request leaves between two steps.
+- a finished or cancelled request leaves between two steps, and the last rows move into
+  the freed ones.
 
 Greedy answers equal one-at-a-time answers (``tests/serve/test_onnx_batching.py``). Requests
 that need the prompt's log-probs or a LoRA adapter run on their own onnxruntime-genai generator
