@@ -1,26 +1,32 @@
 """Speculative decoding on the transformers backend: single-stream greedy decode speed of a
 tiny-base teacher alone and with distilled drafts, side by side in one run, as ratios.
 
-    .venv/bin/python bench/speculative.py [--steps 200] [--requests 16] [--threads 2]
+    .venv/bin/python bench/speculative.py [--steps 200] [--requests 16] [--threads 2] [--rounds 3]
 
 The teacher: a full SFT of builtin:tiny-base on ``add`` (``--steps``). The drafts: students
-distilled from it (``optimize.distill``, the teacher's own answers as targets, ``seq_kd``),
-one of half its depth (``every_other``, 2 of 4 layers) and one of a single layer, each run by
-transformers and, exported to ONNX (fp32), by onnxruntime-genai. Each
-configuration answers the same ``--requests`` held-out prompts one at a time (greedy, at most
-48 tokens), in-process through the serving backend; the answers must be the teacher's own, and
-the table gives tokens/s, the acceptance rate (draft tokens the teacher accepted) and the
-speed-up over the teacher alone. On a model this small a forward pass costs about the same
-whatever its length, so a draft pays only when it is much cheaper than the teacher and right
-most of the time.
+distilled from it (``optimize.distill``, the teacher's own answers as targets, ``seq_kd``), one
+of half its depth (``every_other``, 2 of 4 layers) and one of a single layer, each run by
+transformers and, exported to ONNX (fp32), by onnxruntime-genai. Each configuration answers the
+same ``--requests`` held-out prompts one at a time (greedy, at most 48 tokens), through the
+serving backend, each configuration in a process of its own, as a server runs it, in three
+rounds taken in turn (the median is shown); the answers must be the teacher's own. The table
+gives the decode rate (tokens after each answer's first, over the time from its first token to
+its last: what a draft speeds up), the whole requests' tokens/s (with the chat template,
+tokenizing and the prompt's pass, which a draft does not touch), the acceptance rate (draft
+tokens the teacher accepted) and both speed-ups over the teacher alone. On a model this small a
+forward pass costs about the same whatever its length, so a draft pays only when it is much
+cheaper than the teacher and right most of the time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,31 +60,51 @@ def build(work: Path, steps: int):
     return teacher, drafts
 
 
-def decode(state, prompts: list[str]) -> tuple[list[str], float, int]:
-    """The answers, one request at a time, the seconds they took and the tokens made."""
-    import httpx
-    from openai import AsyncOpenAI
+def decode(state, prompts: list[str]) -> tuple[list[str], float, int, float]:
+    """The answers, one request at a time through the serving backend (chat template,
+    tokenizing, generation, detokenizing): the answers, the seconds they took, the tokens made,
+    and the decode rate (tokens after each answer's first, over the time from its first to its
+    last token: what a draft speeds up, without the request's own costs)."""
+    from serve.backends.base import GenParams
 
-    from serve.app import build_app
-
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(state)))
-    c = AsyncOpenAI(base_url="http://polm.bench/v1", api_key="-", http_client=http)
+    backend = state.backend
 
     async def one(prompt):
-        r = await c.chat.completions.create(
-            model=state.model_id,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=48,
-            temperature=0,
-        )
-        return r.choices[0].message.content, r.usage.completion_tokens
+        ids = backend.encode(backend.render_chat([{"role": "user", "content": prompt}]))
+        pieces, n, first, last = [], 0, None, None
+        async for piece in backend.generate(ids, GenParams(max_tokens=48, temperature=0)):
+            last = time.perf_counter()
+            first = first or last
+            pieces.append(piece.text)
+            n = piece.completion_tokens or n
+        return "".join(pieces), n, last - first
 
-    answers, tokens, start = [], 0, time.perf_counter()
-    for p in prompts:
-        text, n = asyncio.run(one(p))
-        answers.append(text)
-        tokens += n
-    return answers, time.perf_counter() - start, tokens
+    start = time.perf_counter()
+    results = [asyncio.run(one(p)) for p in prompts]
+    seconds = time.perf_counter() - start
+    tokens = sum(n for _, n, _ in results)
+    decoding = sum(t for _, _, t in results)
+    rate = sum(n - 1 for _, n, _ in results) / decoding if decoding else 0.0
+    return [a for a, _, _ in results], seconds, tokens, rate
+
+
+def measure(teacher: str, draft: str, k: int, requests: int, threads: int) -> dict:
+    """One configuration in this process, as one server runs it: a warm-up, then the prompts."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from polm.tasks import get_task
+    from serve.state import ServerState, load_state
+
+    prompts = [ex.prompt for ex in get_task("add").examples("test", requests)]
+    state = load_state(ServerState(), teacher, "transformers", draft=draft, draft_tokens=k)
+    assert state.ready, state.failed
+    decode(state, prompts[:2])  # warm-up
+    before = dict(state.backend.stats["draft"])
+    answers, seconds, tokens, rate = decode(state, prompts)
+    counts = {key: state.backend.stats["draft"][key] - before[key] for key in before}
+    state.backend.close()
+    return {"rate": rate, "whole": tokens / seconds, "counts": counts, "answers": answers}
 
 
 def main() -> None:
@@ -86,54 +112,68 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--measure", nargs=3, metavar=("TEACHER", "DRAFT", "K"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.measure:
+        teacher, draft, k = a.measure
+        print(json.dumps(measure(teacher, draft, int(k), a.requests, a.threads)))
+        return
     import torch
 
     torch.set_num_threads(a.threads)
     from rich.console import Console
     from rich.table import Table
 
-    from polm.tasks import get_task
-    from serve.state import ServerState, load_state
-
     work = Path(tempfile.mkdtemp(prefix="polm-bench-speculative-"))
     try:
         teacher, drafts = build(work, a.steps)
-        prompts = [ex.prompt for ex in get_task("add").examples("test", a.requests)]
-        runs = [("teacher alone", None, 0)]
-        runs += [(f"+ {name} draft, k={k}", d, k) for name, d in drafts.items() for k in (2, 4)]
-        rows, reference, alone = [], None, None
-        for label, draft, k in runs:
-            state = load_state(
-                ServerState(),
-                str(teacher.path),
-                "transformers",
-                draft=str(draft.path) if draft else "none",
-                draft_tokens=k or 4,
-            )
-            assert state.ready, state.failed
-            decode(state, prompts[:2])  # warm-up
-            before = dict(state.backend.stats["draft"])
-            answers, seconds, tokens = decode(state, prompts)
-            counts = {key: state.backend.stats["draft"][key] - before[key] for key in before}
-            state.backend.close()
-            reference = reference or answers
-            rate = tokens / seconds
-            alone = alone or rate
-            accepted = counts["accepted"] / counts["proposed"] if counts["proposed"] else None
-            rows.append((label, rate, accepted, rate / alone, answers == reference))
-        table = Table(title=f"greedy decode, one request at a time ({a.requests} add prompts)")
-        for col in ("configuration", "tok/s", "accepted", "vs alone", "same answers"):
+        runs = [("teacher alone", "none", 4)]
+        runs += [
+            (f"+ {name} draft, k={k}", str(d.path), k) for name, d in drafts.items() for k in (2, 4)
+        ]
+        # Each configuration runs in a process of its own, as a server does: backends loaded
+        # side by side in one process slow each other (a one-layer onnx draft measured 2016
+        # tok/s alone in its process, 709 beside a second teacher). Rounds in turn, each
+        # configuration once a round, the median per configuration: this machine's speed
+        # drifts by a third over minutes, and a drift must hit all of them.
+        measured: list[list[dict]] = [[] for _ in runs]
+        for _ in range(a.rounds):
+            for (_, draft, k), out in zip(runs, measured):
+                argv = [sys.executable, __file__, "--measure", str(teacher.path), draft, str(k)]
+                argv += ["--requests", str(a.requests), "--threads", str(a.threads)]
+                done = subprocess.run(argv, capture_output=True, text=True, check=True)
+                out.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows, reference = [], measured[0][0]["answers"]
+        alone = [statistics.median(m[key] for m in measured[0]) for key in ("rate", "whole")]
+        for (label, _, _), out in zip(runs, measured):
+            rate = statistics.median(m["rate"] for m in out)
+            whole = statistics.median(m["whole"] for m in out)
+            proposed = sum(m["counts"]["proposed"] for m in out)
+            accepted = sum(m["counts"]["accepted"] for m in out) / proposed if proposed else None
+            same = all(m["answers"] == reference for m in out)
+            rows.append(
+                (label, rate, whole, accepted, rate / alone[0], whole / alone[1], same)
+            )  # fmt: skip
+        table = Table(
+            title=f"greedy decode, one request at a time ({a.requests} add prompts; "
+            f"median of {a.rounds} rounds)"
+        )
+        columns = ("configuration", "decode tok/s", "request tok/s", "accepted",
+                   "decode vs alone", "requests vs alone", "same answers")  # fmt: skip
+        for col in columns:
             table.add_column(col, justify="left" if col == "configuration" else "right")
-        for label, rate, accepted, ratio, same in rows:
+        for label, rate, whole, accepted, ratio, whole_ratio, same in rows:
             table.add_row(
                 label,
                 f"{rate:.0f}",
+                f"{whole:.0f}",
                 "-" if accepted is None else f"{accepted:.0%}",
                 f"{ratio:.2f}x",
+                f"{whole_ratio:.2f}x",
                 "yes" if same else "NO",
             )
-        Console().print(table)
+        Console(width=120).print(table)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
