@@ -176,6 +176,7 @@ def polm_server(model: Path, backend: str, threads: int, **extra_env) -> Server:
         "OMP_NUM_THREADS": str(threads),
         "POLM_ONNX_THREADS": str(threads),
         "POLM_MAX_CONCURRENCY": "64",
+        **extra_env,
     }
     argv = [
         str(BIN / "bentoml"),
