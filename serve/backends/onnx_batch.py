@@ -98,7 +98,7 @@ class BatchDecoder:
         vocab = self.session.get_outputs()[0].shape[-1]
         self.vocab = vocab if isinstance(vocab, int) else int(config["vocab_size"])
         self.jobs: queue.Queue = queue.Queue()
-        self.stats = {"steps": 0, "requests": 0, "max_rows": 0}
+        self.stats = {"steps": 0, "requests": 0, "max_rows": 0, "regrown": 0}
         self.thread = threading.Thread(target=self._loop, name="polm-onnx-batch", daemon=True)
         self.thread.start()
 
@@ -139,6 +139,7 @@ class BatchDecoder:
             if used:
                 a[:used, :, :have] = cache[j][:used]
             out.append(a)
+        self.stats["regrown"] += bool(used)
         return out
 
     # --- the graph ---------------------------------------------------------------------

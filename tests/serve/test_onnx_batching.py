@@ -86,3 +86,35 @@ def test_the_weights_load_once_until_a_request_needs_onnxruntime_genai(onnx_int4
         assert state.backend.lm._model is not None
     finally:
         state.backend.close()
+
+
+def test_rows_join_and_leave_in_any_order_and_keep_their_answers(served):
+    """Requests submitted together (straight to the backend, so that they join in one go): a
+    request with room for more tokens than the cache holds joins running rows (the buffers
+    regrow, keeping them), rows that finish first leave and the last rows move into their
+    places, and every answer is the one it gets alone, at the length it asked for."""
+    from serve.backends.base import GenParams
+
+    backend = served.backend
+    budgets = [24, 200, 6, 120, 3, 64, 10, 90]
+    prompts = [
+        backend.encode(backend.render_chat([{"role": "user", "content": p}])) for p in PROMPTS
+    ]
+
+    async def one(i, n):
+        params = GenParams(max_tokens=n, temperature=0, ignore_eos=True)
+        pieces = [piece async for piece in backend.generate(prompts[i], params)]
+        return "".join(p.text for p in pieces), pieces[-1].completion_tokens
+
+    async def together():
+        return await asyncio.gather(*(one(i, n) for i, n in enumerate(budgets)))
+
+    alone = [asyncio.run(one(i, n)) for i, n in enumerate(budgets)]
+    stats = backend.batch.stats
+    regrown, rows = stats["regrown"], stats["max_rows"]
+    stats["max_rows"] = 0
+    assert asyncio.run(together()) == alone
+    assert [n for _, n in alone] == budgets
+    assert stats["max_rows"] == len(budgets)  # all of them ran together
+    assert stats["regrown"] > regrown  # a longer request joined running rows
+    stats["max_rows"] = max(rows, stats["max_rows"])
