@@ -25,6 +25,21 @@ memory-mapped file is closed after every read, and the output is written in file
 of the largest input (``out_shard_size``; mergekit holds a whole file's tensors until it writes
 it, and its default is 5 GB).
 
+mergekit's ``slices`` work as mergekit writes them: each output slice merges its sources'
+layer ranges, and the output's layers are the slices' in order. That is how a gradient
+``slerp`` over layer groups is written, and with ``merge_method: passthrough`` (layers copied
+as they are) how a model is stacked: depth up-scaling from one base, or a frankenmerge of
+several. Each source's layer range is checked against its model's depth, and each slice's
+inputs against the method, before any weight is read; every source is a parent::
+
+    slices:
+      - sources:
+          - {model: base, layer_range: [0, 4]}
+      - sources:
+          - {model: base, layer_range: [2, 4]}
+    merge_method: passthrough     # 6 layers from a 4-layer base
+    dtype: float32
+
 Methods: Wortsman et al. 2022 (model soups, ``linear``), Ilharco et al. 2023 (task arithmetic),
 Yadav et al. 2023 (TIES), Yu et al. 2024 (DARE), Jang et al. 2024 (model stock), Deep et al.
 2024 (DELLA), Davari & Belilovsky 2024 (breadcrumbs), and the spherical family (``slerp``,
@@ -38,7 +53,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from polm.checkpoint import Checkpoint, shared_ancestor, staging
 from polm.errors import PolmError
@@ -47,9 +62,10 @@ from polm.stage import carry_files
 
 STAGE = "merge.mergekit"
 
-# mergekit 0.1.5's methods that merge same-architecture dense models (passthrough, which stacks
-# layer slices, and the RAM family, made for RL-tuned weights, are left out)
+# mergekit 0.1.5's methods that merge same-architecture dense models (the RAM family, made for
+# RL-tuned weights, is left out); passthrough copies layer slices as they are (layer stacking)
 METHODS = (
+    "passthrough",
     "linear",
     "slerp",
     "nuslerp",
@@ -79,6 +95,35 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class SliceSource(BaseModel):
+    """One source of an output slice: layers ``[start, end)`` of a model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | int = Field(description="An input: recipe name, checkpoint path or position.")
+    layer_range: tuple[int, int] = Field(description="The layers [start, end) it contributes.")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class SliceEntry(BaseModel):
+    """One entry of mergekit's ``slices`` list: an output slice merged from its sources' layer
+    ranges (all of one length), in order: the output's layers are the slices' one after another."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | int | None = None
+    residual_weight: float | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
 def shard_bytes(v: int | str) -> int:
     """mergekit's size syntax (its ``parse_kmb``): an integer, or one with a K, M or B suffix
     (thousand, million, billion); 0 for anything else."""
@@ -101,6 +146,12 @@ class MergekitSettings(StageSettings):
     )
     models: list[ModelEntry] | None = Field(
         default=None, description="Models and their parameters; default every non-base input."
+    )
+    slices: list[SliceEntry] | None = Field(
+        default=None,
+        description="Instead of models: the output's layers slice by slice, each merged from "
+        "its sources' layer ranges (mergekit's slices: gradient merges over layer groups, "
+        "frankenmerges, and with passthrough layer stacking).",
     )
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="Parameters shared by all models (mergekit's names)."
@@ -137,9 +188,20 @@ class MergekitSettings(StageSettings):
     def _known_method(cls, v: str) -> str:
         return check_choice("merge_method", v, METHODS)
 
+    @model_validator(mode="after")
+    def _models_or_slices(self):
+        if self.models is not None and self.slices is not None:
+            raise ValueError("give models or slices, not both (as mergekit takes them)")
+        if self.merge_method == "passthrough" and self.slices is None:
+            raise ValueError("passthrough copies layer slices: give slices")
+        return self
+
     def model_paths(self) -> list[str]:
         """Paths named in the settings, for a mergekit YAML run without ``--from``."""
         refs = [m.model for m in self.models or []]
+        for piece in self.slices or []:
+            refs += [piece.base_model] if piece.base_model is not None else []
+            refs += [src.model for src in piece.sources]
         if self.base_model is not None:
             refs.insert(0, self.base_model)
         return [r for r in dict.fromkeys(refs) if isinstance(r, str)]
@@ -183,6 +245,8 @@ def _mergekit_version() -> str:
 
 def plan(s: MergekitSettings, inputs: list[Checkpoint]) -> tuple[dict, list[Checkpoint]]:
     """mergekit's configuration for these inputs, and every checkpoint it reads (base first)."""
+    if s.slices is not None:
+        return plan_slices(s, inputs)
     spec = method_spec(s.merge_method)
     base_policy = spec.contract.base.value  # required | optional | ignored
     base = None
@@ -207,18 +271,9 @@ def plan(s: MergekitSettings, inputs: list[Checkpoint]) -> tuple[dict, list[Chec
         raise PolmError(f"{STAGE}: nothing to merge: every input is the base.")
 
     _check_counts(s.merge_method, spec.contract, base, len(entries))
-    known = {p.name: p for p in spec.parameters}
-    for where, params in [("parameters", s.parameters)] + [
+    _check_parameters(s.merge_method, spec, [("parameters", s.parameters)] + [
         (f"models[{c.path.name}].parameters", p) for c, p in entries
-    ]:
-        for key in params:
-            if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
-                raise PolmError(
-                    f"{STAGE}: {where}: {key!r} is not a parameter of {s.merge_method}"
-                    f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; it takes: "
-                    f"{', '.join(known) or 'none'}."
-                )
+    ])  # fmt: skip
     for p in spec.parameters:
         if not p.required or p.name in s.parameters:
             continue
@@ -227,11 +282,15 @@ def plan(s: MergekitSettings, inputs: list[Checkpoint]) -> tuple[dict, list[Chec
         for _, params in entries:  # per-model parameter, e.g. weight: default 1 (equal weights)
             params.setdefault(p.name, 1.0)
 
-    cfg: dict[str, Any] = {
-        "merge_method": s.merge_method,
-        "dtype": s.dtype,
-        "models": [{"model": str(c.path), "parameters": p} for c, p in entries],
-    }
+    models = [{"model": str(c.path), "parameters": p} for c, p in entries]
+    used = ([base] if base is not None else []) + [c for c, _ in entries]
+    return _config(s, base, models=models), list({c.path: c for c in used}.values())
+
+
+def _config(s: MergekitSettings, base: Checkpoint | None, **inputs) -> dict[str, Any]:
+    """mergekit's configuration: the method, dtypes, shared parameters, base and tokenizer
+    source from the settings, with the inputs (``models=`` or ``slices=``) as planned."""
+    cfg: dict[str, Any] = {"merge_method": s.merge_method, "dtype": s.dtype, **inputs}
     if s.out_dtype:
         cfg["out_dtype"] = s.out_dtype
     if s.parameters:
@@ -240,8 +299,101 @@ def plan(s: MergekitSettings, inputs: list[Checkpoint]) -> tuple[dict, list[Chec
         cfg["base_model"] = str(base.path)
     if s.tokenizer_source:
         cfg["tokenizer_source"] = s.tokenizer_source
-    used = ([base] if base is not None else []) + [c for c, _ in entries]
-    return cfg, list({c.path: c for c in used}.values())
+    return cfg
+
+
+def plan_slices(s: MergekitSettings, inputs: list[Checkpoint]) -> tuple[dict, list[Checkpoint]]:
+    """:func:`plan` for a configuration by ``slices``: each source resolved to an input, its
+    layer range checked against that model's depth, each slice's inputs counted against the
+    method, and parameter names checked, all before any weight is read."""
+    spec = method_spec(s.merge_method)
+    ignored = spec.contract.base.value == "ignored"
+    if ignored and (s.base_model is not None or any(x.base_model is not None for x in s.slices)):
+        raise PolmError(f"{STAGE}: {s.merge_method} takes no base_model; leave it out.")
+    top = None if s.base_model is None else resolve(s.base_model, inputs, "base_model")
+    checks = [("parameters", s.parameters)]
+    used = [top] if top is not None else []
+    slices = []
+    for i, piece in enumerate(s.slices):
+        where = f"slices[{i}]"
+        base = top
+        if piece.base_model is not None:
+            base = resolve(piece.base_model, inputs, f"{where}.base_model")
+        sources, lengths = [], set()
+        for j, src in enumerate(piece.sources):
+            c = resolve(src.model, inputs, f"{where}.sources[{j}].model")
+            start, end = src.layer_range
+            depth = _depth(c)
+            if depth is not None and end > depth:
+                raise PolmError(
+                    f"{STAGE}: {where}.sources[{j}]: layer_range [{start}, {end}] is past "
+                    f"{c.path.name}'s {depth} layers."
+                )
+            lengths.add(end - start)
+            checks.append((f"{where}.sources[{j}].parameters", src.parameters))
+            entry: dict[str, Any] = {"model": str(c.path), "layer_range": [start, end]}
+            if src.parameters:
+                entry["parameters"] = dict(src.parameters)
+            sources.append(entry)
+            used.append(c)
+        if len(lengths) > 1:
+            raise PolmError(
+                f"{STAGE}: {where}: its sources' layer ranges differ in length "
+                f"({', '.join(str(n) for n in sorted(lengths))}); a slice merges layer by layer."
+            )
+        n_base = base is not None and any(e["model"] == str(base.path) for e in sources)
+        if base is not None and not n_base and not ignored:
+            raise PolmError(
+                f"{STAGE}: {where}: the base {base.path.name} is none of its sources; "
+                "add its layer range to the slice's sources."
+            )
+        _check_counts(
+            f"{s.merge_method} ({where})", spec.contract, base if n_base else None,
+            len(sources) - n_base,
+        )  # fmt: skip
+        checks.append((f"{where}.parameters", piece.parameters))
+        out: dict[str, Any] = {"sources": sources}
+        if piece.base_model is not None:
+            out["base_model"] = str(base.path)
+            used.append(base)
+        if piece.residual_weight is not None:
+            out["residual_weight"] = piece.residual_weight
+        if piece.parameters:
+            out["parameters"] = dict(piece.parameters)
+        slices.append(out)
+    _check_parameters(s.merge_method, spec, checks)
+    for p in spec.parameters:
+        if p.required and p.scope.value == "shared" and p.name not in s.parameters:
+            if not all(p.name in x.parameters for x in s.slices):
+                raise PolmError(f"{STAGE}: {s.merge_method} needs parameters.{p.name}.")
+    return _config(s, top, slices=slices), list({c.path: c for c in used}.values())
+
+
+def _depth(c: Checkpoint) -> int | None:
+    """The model's number of decoder layers (its config.json), where it says."""
+    import json
+
+    config = c.path / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    data = data.get("text_config", data)
+    n = data.get("num_hidden_layers")
+    return n if isinstance(n, int) else None
+
+
+def _check_parameters(method: str, spec, where_params: list[tuple[str, dict]]) -> None:
+    """Every parameter name is one the method takes (with a suggestion for a typo)."""
+    known = {p.name: p for p in spec.parameters}
+    for where, params in where_params:
+        for key in params:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise PolmError(
+                    f"{STAGE}: {where}: {key!r} is not a parameter of {method}"
+                    f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; it takes: "
+                    f"{', '.join(known) or 'none'}."
+                )
 
 
 def _check_counts(method: str, contract, base: Checkpoint | None, n_models: int) -> None:
@@ -346,6 +498,20 @@ def check_finite(path: Path, stage: str = STAGE) -> None:
                 raise PolmError(f"{stage}: the merged tensor {name} has NaN or Inf values.")
 
 
+def _described(cfg: dict) -> str:
+    """The models merged, as the manifest's ``merge.models`` says it: names, and with slices
+    each slice's sources and layer ranges (``a[0:4] + b[0:4] | a[2:4]``)."""
+    if "models" in cfg:
+        return ", ".join(Path(m["model"]).name for m in cfg["models"])
+    return " | ".join(
+        " + ".join(
+            f"{Path(src['model']).name}[{src['layer_range'][0]}:{src['layer_range'][1]}]"
+            for src in piece["sources"]
+        )
+        for piece in cfg["slices"]
+    )
+
+
 def run(inputs: list[Checkpoint], settings: MergekitSettings, out: Path) -> Checkpoint:
     s = settings
     if not inputs:
@@ -386,6 +552,6 @@ def run(inputs: list[Checkpoint], settings: MergekitSettings, out: Path) -> Chec
             metrics={
                 "merge.method": s.merge_method,
                 "merge.base": cfg.get("base_model") and Path(cfg["base_model"]).name,
-                "merge.models": ", ".join(Path(m["model"]).name for m in cfg["models"]),
+                "merge.models": _described(cfg),
             },
         )

@@ -34,7 +34,15 @@ def weights(ckpt) -> dict[str, torch.Tensor]:
     return load_file(ckpt.path / "model.safetensors")
 
 
-@pytest.mark.parametrize("method", METHODS)
+def merge_yaml(config: str, tmp_path) -> Checkpoint:
+    """``polm merge mergekit --config`` on a mergekit YAML, as a user runs it."""
+    (tmp_path / "merge.yml").write_text(config)
+    r = polm_cli("merge", "mergekit", "--config", tmp_path / "merge.yml", "--out", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    return Checkpoint.open(tmp_path / "m")
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "passthrough"])  # needs slices
 def test_every_method_writes_a_model_transformers_loads_and_runs(
     method, base_ckpt, experts, tmp_path
 ):
@@ -99,10 +107,7 @@ parameters:
   normalize: true
 dtype: float32
 """
-    (tmp_path / "merge.yml").write_text(config)
-    r = polm_cli("merge", "mergekit", "--config", tmp_path / "merge.yml", "--out", tmp_path / "m")
-    assert r.returncode == 0, r.stderr
-    out = Checkpoint.open(tmp_path / "m")
+    out = merge_yaml(config, tmp_path)
     assert [p.path for p in out.manifest.parents] == [
         str(base_ckpt.path),
         str(add.path),
@@ -233,3 +238,123 @@ def test_a_small_out_shard_size_writes_the_same_tensors_in_several_files(
     assert model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3).shape[1] == 6
     with pytest.raises(ValueError, match="at least 1M"):
         MergekitSettings(**s, out_shard_size="12x")
+
+
+def _layers(ckpt) -> int:
+    return json.loads((ckpt.path / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_passthrough_slices_stack_layers_as_mergekits_docs_write_them(base_ckpt, tmp_path):
+    """Depth up-scaling from one base, in mergekit's own syntax: the stacked model has the
+    layers the slices say, each one a copy of its source layer, and transformers runs it."""
+    from transformers import AutoModelForCausalLM
+
+    depth = _layers(base_ckpt)
+    config = f"""\
+slices:
+  - sources:
+      - model: {base_ckpt.path}
+        layer_range: [0, {depth}]
+  - sources:
+      - model: {base_ckpt.path}
+        layer_range: [{depth // 2}, {depth}]
+merge_method: passthrough
+dtype: float32
+"""
+    out = merge_yaml(config, tmp_path)
+    assert _layers(out) == depth + depth - depth // 2
+    assert [p.content_hash for p in out.manifest.parents] == [base_ckpt.manifest.content_hash]
+    assert out.manifest.metrics["merge.models"] == (
+        f"{base_ckpt.path.name}[0:{depth}] | {base_ckpt.path.name}[{depth // 2}:{depth}]"
+    )
+    src, got = weights(base_ckpt), weights(out)
+    key = "model.layers.{}.self_attn.q_proj.weight"
+    for i in range(depth - depth // 2):  # the second slice's layers follow the first's
+        assert torch.equal(got[key.format(depth + i)], src[key.format(depth // 2 + i)])
+    model = AutoModelForCausalLM.from_pretrained(out.path)
+    gen = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4)
+    assert gen.shape[1] == 7
+
+
+def test_a_gradient_slerp_over_slices_runs_as_mergekits_docs_write_it(experts, tmp_path):
+    """mergekit's README example, slerp with ``t`` graded over the layers and filtered by
+    module: the first layer's attention is the base's and the last one's the other model's,
+    the other way round for the MLP; both models are parents."""
+    add, rev = experts
+    depth = _layers(add)
+    config = f"""\
+slices:
+  - sources:
+      - model: {add.path}
+        layer_range: [0, {depth}]
+      - model: {rev.path}
+        layer_range: [0, {depth}]
+merge_method: slerp
+base_model: {add.path}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+"""
+    out = merge_yaml(config, tmp_path)
+    assert _layers(out) == depth
+    hashes = [p.content_hash for p in out.manifest.parents]
+    assert hashes == [add.manifest.content_hash, rev.manifest.content_hash]
+    got, a, b = weights(out), weights(add), weights(rev)
+    attn, mlp = "model.layers.{}.self_attn.q_proj.weight", "model.layers.{}.mlp.up_proj.weight"
+    last = depth - 1
+    assert torch.allclose(got[attn.format(0)], a[attn.format(0)])
+    assert torch.allclose(got[attn.format(last)], b[attn.format(last)])
+    assert torch.allclose(got[mlp.format(0)], b[mlp.format(0)])
+    assert torch.allclose(got[mlp.format(last)], a[mlp.format(last)])
+    middle = got[attn.format(1)]
+    assert not torch.allclose(middle, a[attn.format(1)]) and not torch.allclose(
+        middle, b[attn.format(1)]
+    )
+
+
+@pytest.mark.parametrize(
+    "slices, message",
+    [
+        (
+            [{"sources": [{"model": 0, "layer_range": [0, 99]}]}],
+            r"slices\[0\].sources\[0\]: .*past",
+        ),
+        (
+            [
+                {
+                    "sources": [
+                        {"model": 0, "layer_range": [0, 2]},
+                        {"model": 1, "layer_range": [0, 3]},
+                    ]
+                }
+            ],
+            "differ in length",
+        ),
+        (
+            [
+                {
+                    "sources": [
+                        {"model": 0, "layer_range": [0, 2]},
+                        {"model": 1, "layer_range": [0, 2]},
+                    ]
+                }
+            ],
+            r"passthrough \(slices\[0\]\) merges exactly 1",
+        ),
+        ([{"sources": [{"model": 0, "layer_range": [2, 2]}]}], "0 <= start < end"),
+    ],
+)
+def test_bad_slices_name_the_slice_and_source(slices, message, base_ckpt, experts, tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises((PolmError, ValidationError), match=message):
+        s = MergekitSettings(merge_method="passthrough", slices=slices)
+        merge([base_ckpt, *experts], s, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValidationError, match="passthrough copies layer slices"):
+        MergekitSettings(merge_method="passthrough")
