@@ -43,6 +43,13 @@ class OneBitSettings(KDSettings):
         description="Quantization-aware distillation from the full-precision parent "
         "(straight-through estimator); false quantizes and writes at once.",
     )
+    embedding_bits: Literal[4, 8, 16] = Field(
+        default=8,
+        description="How the token embedding (and an untied output head) is stored: 8, int8 "
+        "rows with a scale each (near lossless); 4, 4-bit groups of 32 with a scale each (what "
+        "brings a large-vocabulary model under 2 bits a weight overall; lossy, and recovery "
+        "does not see it); 16, bfloat16. Every other tensor is stored in bfloat16.",
+    )
     max_steps: int = Field(default=300, description="Recovery steps.")
     eval_n: int = Field(
         default=200,
@@ -131,22 +138,37 @@ def quantize_model(model, method: str) -> list[str]:
     return names
 
 
-def packed_tensors(model, names: list[str], method: str) -> dict:
-    """The ``onebit`` file's tensors: packed layers, and everything else as it is."""
+def packed_tensors(model, names: list[str], method: str, embedding_bits: int = 8):
+    """The ``onebit`` file's tensors: packed layers, the embedding (and an untied head) at
+    ``embedding_bits``, everything else in bfloat16; and the embeddings' entries for the
+    config (see polm/onebit.py)."""
     import torch
 
-    from polm.onebit import pack_signs, pack_trits
+    from polm.onebit import pack_signs, pack_trits, quantize_rows
 
-    tensors = {}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    by_module = {id(m): n for n, m in model.named_modules()}
+    tables = [model.get_input_embeddings()] + ([] if tied else [model.get_output_embeddings()])
+    embedded = [f"{by_module[id(m)]}.weight" for m in tables if m is not None]
+    tensors, embeddings = {}, []
     quantized = {f"{n}.weight" for n in names}
     for key, value in model.state_dict().items():
-        if key not in quantized and not any(key.startswith(n + ".") for n in names):
-            tensors[key] = value.detach().contiguous()
+        if key in embedded:
+            for suffix, t in quantize_rows(value, embedding_bits).items():
+                tensors[f"{key}.{suffix}" if suffix else key] = t.contiguous()
+            embeddings.append(
+                {"name": key, "bits": embedding_bits, "shape": list(value.shape), "group": 32}
+            )
+        elif key not in quantized and not any(key.startswith(n + ".") for n in names):
+            value = value.detach()
+            if value.is_floating_point() and value.element_size() > 2:
+                value = value.to(torch.bfloat16)
+            tensors[key] = value.contiguous()
     for n in names:
         m = model.get_submodule(n)
         w = m.weight.detach().float()
         if m.bias is not None:
-            tensors[f"{n}.bias"] = m.bias.detach().contiguous()
+            tensors[f"{n}.bias"] = m.bias.detach().to(torch.bfloat16).contiguous()
         if method == "binary":
             tensors[f"{n}.weight.signs"] = pack_signs(w)
             tensors[f"{n}.weight.row_scale"] = m.row_scale.detach().to(torch.float16)
@@ -155,9 +177,9 @@ def packed_tensors(model, names: list[str], method: str) -> dict:
             scale = ternary_scale(w)
             tensors[f"{n}.weight.trits"] = pack_trits((w / scale).round().clamp(-1, 1))
             tensors[f"{n}.weight.scale"] = scale[:, 0].to(torch.float16)
-    if getattr(model.config, "tie_word_embeddings", False):
+    if tied:
         tensors.pop("lm_head.weight", None)  # the loader ties it back to the embeddings
-    return tensors
+    return tensors, embeddings
 
 
 def _before_recovery(model, tokenizer, s: OneBitSettings) -> dict:
@@ -204,18 +226,22 @@ def run(inputs: list[Checkpoint], settings: OneBitSettings, out: Path) -> Checkp
     }
     with staging(out) as st:
         config = student.config.to_dict()
+        tensors, embeddings = packed_tensors(student, names, s.method, s.embedding_bits)
         config[CONFIG_KEY] = {
             "method": s.method,
             "modules": [{"name": f"{n}.weight", "shape": shapes[n]} for n in names],
+            "embeddings": embeddings,
         }
         (st.dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         student.generation_config.save_pretrained(st.dir)
         tokenizer.save_pretrained(st.dir)
-        save_file(packed_tensors(student, names, s.method), str(st.dir / WEIGHTS))
+        save_file(tensors, str(st.dir / WEIGHTS))
         stats = packed_stats(st.dir)
         metrics |= {
-            "bits_per_weight": stats["bits_per_weight"],
+            "bits_per_weight": stats["bits_per_weight"],  # the whole file, every weight
+            "onebit.linear_bits_per_weight": stats["linear_bits_per_weight"],
             "onebit.code_bits_per_weight": stats["code_bits_per_weight"],
+            "onebit.embedding_bits": s.embedding_bits,
             "onebit.quantized_bytes": stats["quantized_bytes"],
             "onebit.fp32_bytes": 4 * stats["quantized_weights"],
             "onebit.quantized_layers": len(names),

@@ -14,9 +14,15 @@ fail loudly on it rather than start from random weights). For every quantized li
   ``<name>.weight.scale`` (``[out]``, the absmean of each output row); the weight is
   ``trit · scale``.
 
-Every other tensor (embeddings, norms, the output head) is stored as it is. The loader rebuilds
-a plain transformers model with the dequantized weights, so evaluation and serving need
-nothing from ``optimize``.
+The token embedding (and an untied output head) is stored as ``config.json``'s
+``embeddings`` entries say (``bits``): 8, ``<name>.q8`` (``int8 [out, in]``) and
+``<name>.q8_scale`` (``[out]``, each row's absmax / 127); 4, ``<name>.q4`` (two 4-bit codes a
+byte, ``uint8 [out, in / 2]``, groups of ``group`` columns) and ``<name>.q4_scale`` (``[out,
+in / group]``, each group's absmax / 7); 16, bfloat16. Every other tensor (norms, biases) is
+stored in bfloat16: nothing in the file takes more than 16 bits a weight. On Gemma 3 270M the
+tied 262k-row embedding is 63% of the parameters: in fp32 it made the "1-bit" model 685 MB.
+The loader rebuilds a plain transformers model with the dequantized weights, so evaluation and
+serving need nothing from ``optimize``.
 """
 
 from __future__ import annotations
@@ -73,6 +79,41 @@ def unpack_trits(packed, in_features: int):
     return digits.reshape(packed.shape[0], -1)[:, :in_features].float() - 1
 
 
+def quantize_rows(w, bits: int, group: int = 32) -> dict:
+    """The stored form of an embedding matrix ``w`` at ``bits`` (8, 4 or 16), as tensors keyed
+    by suffix (``q8``/``q8_scale``, ``q4``/``q4_scale`` or ``""`` for bfloat16)."""
+    import torch
+    import torch.nn.functional as F
+
+    w = w.detach().float()
+    if bits == 16:
+        return {"": w.to(torch.bfloat16)}
+    if bits == 8:
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return {"q8": q, "q8_scale": scale.to(torch.float16)}
+    pad = (-w.shape[1]) % group
+    g = F.pad(w, (0, pad)).view(w.shape[0], -1, group)
+    scale = (g.abs().amax(-1) / 7).clamp(min=1e-12).to(torch.float16)
+    q = (g / scale.float()[..., None]).round().clamp(-7, 7).to(torch.int16) + 8  # 1..15
+    q = q.view(w.shape[0], -1, 2).to(torch.uint8)
+    return {"q4": q[..., 0] | (q[..., 1] << 4), "q4_scale": scale}
+
+
+def dequantize_rows(tensors: dict, name: str, bits: int, shape: list[int], group: int = 32):
+    """The float matrix ``shape`` stored under ``name`` by :func:`quantize_rows`."""
+    import torch
+
+    if bits == 16:
+        return tensors[name].float()
+    if bits == 8:
+        return tensors[f"{name}.q8"].float() * tensors[f"{name}.q8_scale"].float()[:, None]
+    packed = tensors[f"{name}.q4"]
+    codes = torch.stack([packed & 15, packed >> 4], -1).view(shape[0], -1, group)
+    scale = tensors[f"{name}.q4_scale"].float()
+    return ((codes.float() - 8) * scale[..., None]).reshape(shape[0], -1)[:, : shape[1]]
+
+
 def dequantize(tensors: dict, name: str, method: str, in_features: int):
     """The dense weight of linear layer ``name`` (its ``.weight`` key) from the packed tensors."""
     if method == "binary":
@@ -84,7 +125,9 @@ def dequantize(tensors: dict, name: str, method: str, in_features: int):
 
 
 def packed_stats(path: Path) -> dict:
-    """Bytes and bits per weight of the quantized linear layers, read from the file's header."""
+    """Bytes and bits per weight, read from the file's header: of the whole file over every
+    weight of the model it rebuilds (``bits_per_weight``), and of the quantized linear layers
+    alone (``linear_bits_per_weight``, ``code_bits_per_weight`` without their scales)."""
     from polm.checkpoint import DTYPE_BYTES, numel, tensor_specs
 
     cfg = json.loads((Path(path) / "config.json").read_text())[CONFIG_KEY]
@@ -100,11 +143,20 @@ def packed_stats(path: Path) -> dict:
                     code += nbytes
                 else:
                     scale += nbytes
+    total_bytes = sum(numel(shape) * DTYPE_BYTES[dtype] for dtype, shape in specs.values())
+    packed = {m["name"] for m in cfg["modules"]} | {e["name"] for e in cfg.get("embeddings", [])}
+    total = weights + sum(e["shape"][0] * e["shape"][1] for e in cfg.get("embeddings", []))
+    total += sum(
+        numel(shape) for key, (_, shape) in specs.items()
+        if not any(key == n or key.startswith(n + ".") for n in packed)
+    )  # fmt: skip
     return {
         "quantized_weights": weights,
         "quantized_bytes": code + scale,
-        "bits_per_weight": 8 * (code + scale) / max(1, weights),
+        "linear_bits_per_weight": 8 * (code + scale) / max(1, weights),
         "code_bits_per_weight": 8 * code / max(1, weights),
+        "weights": total,
+        "bits_per_weight": 8 * total_bytes / max(1, total),
     }
 
 
@@ -132,7 +184,10 @@ def load_onebit(path, dtype=None):
     except Exception as e:  # a truncated or corrupt file
         raise PolmError(f"cannot read {weights}: {e}") from None
     names = {m["name"] for m in spec["modules"]}
+    names |= {e["name"] for e in spec.get("embeddings", []) if e["bits"] != 16}
     state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in names}
+    for e in spec.get("embeddings", []):
+        state[e["name"]] = dequantize_rows(tensors, e["name"], e["bits"], e["shape"], e["group"])
     for m in spec["modules"]:
         w = dequantize(tensors, m["name"], spec["method"], m["shape"][1])
         if list(w.shape) != list(m["shape"]):

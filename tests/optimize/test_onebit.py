@@ -13,14 +13,27 @@ from pydantic import ValidationError
 from optimize.gguf import GgufSettings
 from optimize.gguf import run as gguf_export
 from optimize.onebit import OneBitSettings, quantize_model, run, svid
-from polm.checkpoint import Checkpoint
+from polm.checkpoint import Checkpoint, tensor_specs
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
 from polm.loading import load_model
-from polm.onebit import pack_signs, pack_trits, unpack_signs, unpack_trits
+from polm.onebit import (
+    dequantize_rows,
+    pack_signs,
+    pack_trits,
+    quantize_rows,
+    unpack_signs,
+    unpack_trits,
+)
 from tests.helpers import polm_cli
 
 IDS = torch.tensor([[1, 5, 9, 12, 7, 3]])
+
+
+def roundtrip(w, bits: int):
+    """``w`` stored as the onebit file stores an embedding at ``bits``, and read back."""
+    stored = {f"e.{k}" if k else "e": v for k, v in quantize_rows(w, bits).items()}
+    return dequantize_rows(stored, "e", bits, list(w.shape))
 
 
 def test_signs_and_trits_pack_exactly_into_1_and_1_6_bits():
@@ -59,9 +72,21 @@ def plain(base_ckpt, tmp_path_factory):
 def test_bits_on_disk_and_the_manifest(plain, base_ckpt):
     binary, ternary = plain["binary"].manifest.metrics, plain["ternary"].manifest.metrics
     assert binary["onebit.code_bits_per_weight"] == pytest.approx(1.0)
-    assert binary["bits_per_weight"] <= 1.1 + 16 * (1 / 128 + 1 / 128)  # fp16 row + column scales
+    # fp16 row + column scales
+    assert binary["onebit.linear_bits_per_weight"] <= 1.1 + 16 * (1 / 128 + 1 / 128)
     assert 1.6 <= ternary["onebit.code_bits_per_weight"] <= 1.65  # rows padded to 5 trits
-    assert ternary["bits_per_weight"] <= 2.1
+    assert ternary["onebit.linear_bits_per_weight"] <= 2.1
+    for ckpt in plain.values():  # the whole file over every weight: nothing above 16 bits
+        m = ckpt.manifest.metrics
+        file = ckpt.path / "onebit.safetensors"
+        header = 8 + int.from_bytes(file.read_bytes()[:8], "little")  # safetensors' JSON
+        payload = file.stat().st_size - header
+        assert m["bits_per_weight"] == pytest.approx(8 * payload / m["params"], rel=1e-6)
+        assert m["onebit.linear_bits_per_weight"] < m["bits_per_weight"] < 16
+        assert not [
+            k for k, (dtype, _) in tensor_specs(ckpt.path / "onebit.safetensors").items()
+            if dtype in ("F32", "F64", "I32", "I64")
+        ]  # fmt: skip
     for m in (binary, ternary):
         assert m["onebit.quantized_bytes"] <= 0.07 * m["onebit.fp32_bytes"]
         assert m["onebit.quantized_layers"] == 7 * 4  # q k v o gate up down, 4 layers
@@ -75,6 +100,12 @@ def test_the_loader_rebuilds_exactly_the_quantized_model(plain, base_ckpt):
     for method, ckpt in plain.items():
         loaded, _ = load_model(ckpt)
         reference, _ = load_model(base_ckpt)
+        with torch.no_grad():  # what the file stores besides the linear layers: the norms in
+            for name, p in reference.named_parameters():  # bfloat16, the embedding in int8 rows
+                if "norm" in name:
+                    p.copy_(p.bfloat16().float())
+            emb = reference.get_input_embeddings().weight
+            emb.copy_(roundtrip(emb, 8))
         quantize_model(reference, method)
         if method == "binary":  # the stored scales are fp16
             for m in reference.modules():
@@ -94,6 +125,30 @@ def test_the_loader_rebuilds_exactly_the_quantized_model(plain, base_ckpt):
         )
         out = loaded.generate(IDS, max_new_tokens=3, do_sample=False)
         assert out.shape == (1, IDS.shape[1] + 3) and torch.isfinite(ours).all()
+
+
+def test_the_embedding_stored_in_8_and_4_bits_round_trips_and_shrinks_the_file(
+    base_ckpt, plain, tmp_path
+):
+    """int8 rows are near lossless; 4-bit groups of 32 are coarser but still the same table
+    (each weight within half a step of its group's scale); the file shrinks with the bits."""
+    w = torch.randn(300, 70) * torch.linspace(0.01, 3.0, 300)[:, None]  # rows of many scales
+    # half a step of each row's (group's) scale, plus the scale's own fp16 rounding
+    for bits, tolerance in ((16, 1 / 256), (8, 1 / 254 + 1 / 2048), (4, 1 / 14 + 1 / 2048)):
+        back = roundtrip(w, bits)
+        assert back.shape == w.shape
+        err = (back - w).abs() / w.abs().amax(1, keepdim=True)
+        assert err.max() <= tolerance, (bits, err.max())
+    sizes = {}
+    for bits in (16, 4):
+        s = OneBitSettings(method="ternary", recovery=False, embedding_bits=bits)
+        ckpt = run([base_ckpt], s, tmp_path / str(bits))
+        sizes[bits] = (ckpt.path / "onebit.safetensors").stat().st_size
+        loaded, _ = load_model(ckpt)
+        assert loaded.generate(IDS, max_new_tokens=3, do_sample=False).shape[1] == IDS.shape[1] + 3
+        assert ckpt.manifest.metrics["onebit.embedding_bits"] == bits
+    sizes[8] = (plain["ternary"].path / "onebit.safetensors").stat().st_size
+    assert sizes[4] < sizes[8] < sizes[16]
 
 
 def test_plain_transformers_refuses_the_directory_instead_of_random_weights(plain):
