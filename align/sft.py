@@ -1,4 +1,5 @@
-"""Supervised fine-tuning with TRL's ``SFTTrainer``: full, LoRA, prefix and prompt tuning.
+"""Supervised fine-tuning with TRL's ``SFTTrainer``: full, LoRA, prefix and prompt tuning,
+P-tuning.
 
 - Instruction tuning on chat data (``messages``) with the loss on assistant tokens only,
   whatever the model's chat template (:mod:`align.chat_masks`: the template's
@@ -10,9 +11,11 @@
   it, an expert tuned on one task answers every prompt in that task's shape (an ``add`` expert
   writes a scratchpad for ``reverse x``), and its task vector overrides the others in a merge.
 - PEFT methods through PEFT: LoRA (Hu et al., arXiv 2106.09685), prefix tuning (Li & Liang,
-  arXiv 2101.00190), prompt tuning (Lester et al., arXiv 2104.08691). A LoRA run writes a
-  merged ``hf`` checkpoint by default, or the adapter with ``output_format: peft-adapter``;
-  prefix and prompt tuning can only be stored as adapters.
+  arXiv 2101.00190), prompt tuning (Lester et al., arXiv 2104.08691), P-tuning (Liu et al.,
+  arXiv 2103.10385: the virtual tokens come out of a prompt encoder, an MLP or an LSTM, PEFT's
+  ``PromptEncoderConfig``). A LoRA run writes a merged ``hf`` checkpoint by default, or the
+  adapter with ``output_format: peft-adapter``; prefix and prompt tuning and P-tuning can only
+  be stored as adapters (their virtual tokens are inputs, not weights to fold in).
 
 Runs on CPU (``use_cpu``) or GPU, in one process or N (``--nproc``, DDP through accelerate).
 """
@@ -31,6 +34,7 @@ from polm.tasks import validate_task_names
 from polm.training import save_trained, scratch_dir, task_examples, train, trainer_args
 
 STAGE = "align.sft"
+VIRTUAL = ("prefix", "prompt", "ptuning")  # methods that learn virtual tokens: adapters only
 SELF = "self:"  # replay source: the input model's own answers to a built-in task's prompts
 log = logging.getLogger("polm")
 
@@ -38,15 +42,23 @@ log = logging.getLogger("polm")
 class SFTSettings(DataSettings, LoraSettings):
     """Settings of ``align.sft``; training fields use TRL / transformers names."""
 
-    method: Literal["full", "lora", "prefix", "prompt"] = Field(
+    method: Literal["full", "lora", "prefix", "prompt", "ptuning"] = Field(
         default="full", description="Full fine-tuning or a PEFT method."
     )
     output_format: Literal["hf", "peft-adapter"] | None = Field(
         default=None,
         description="hf (merged, default for full/lora) or peft-adapter "
-        "(default and only choice for prefix/prompt).",
+        "(default and only choice for prefix/prompt/ptuning).",
     )
-    num_virtual_tokens: int = Field(default=16, gt=0, description="Prefix/prompt length.")
+    num_virtual_tokens: int = Field(
+        default=16, gt=0, description="Prefix/prompt length (prefix, prompt, ptuning)."
+    )
+    encoder: Literal["mlp", "lstm"] = Field(
+        default="mlp", description="P-tuning's prompt encoder (PEFT's reparameterization type)."
+    )
+    encoder_hidden_size: int | None = Field(
+        default=None, gt=0, description="P-tuning's encoder width (default: the model's)."
+    )
     replay: str | list[str] | None = Field(
         default=None,
         description="Rehearsal data mixed into the training data (same format), one source or "
@@ -75,7 +87,7 @@ class SFTSettings(DataSettings, LoraSettings):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.method in ("prefix", "prompt") and self.output_format == "hf":
+        if self.method in VIRTUAL and self.output_format == "hf":
             raise ValueError(
                 f"{self.method} tuning cannot be merged into the weights; use "
                 "output_format: peft-adapter"
@@ -90,7 +102,7 @@ class SFTSettings(DataSettings, LoraSettings):
     def resolved_output_format(self) -> str:
         if self.output_format:
             return self.output_format
-        return "peft-adapter" if self.method in ("prefix", "prompt") else "hf"
+        return "peft-adapter" if self.method in VIRTUAL else "hf"
 
 
 FORMATS = [{"messages"}, {"prompt", "completion"}, {"text"}]
@@ -161,7 +173,7 @@ def own_answers(task: str, n: int, want: set[str], answer):
 
 
 def peft_config(s: SFTSettings):
-    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
     if s.method == "lora":
         return s.lora_config()
@@ -172,6 +184,14 @@ def peft_config(s: SFTSettings):
     if s.method == "prompt":
         return PromptTuningConfig(
             num_virtual_tokens=s.num_virtual_tokens, task_type=TaskType.CAUSAL_LM
+        )
+    if s.method == "ptuning":
+        extra = {"encoder_hidden_size": s.encoder_hidden_size} if s.encoder_hidden_size else {}
+        return PromptEncoderConfig(
+            num_virtual_tokens=s.num_virtual_tokens,
+            encoder_reparameterization_type=s.encoder.upper(),
+            task_type=TaskType.CAUSAL_LM,
+            **extra,
         )
     return None
 

@@ -1,3 +1,4 @@
+import asyncio
 import json
 import math
 import subprocess
@@ -81,7 +82,7 @@ def test_lora_adapter_output_loads_on_its_base(base_ckpt, tmp_path):
     assert evaluate_checkpoint(ckpt, ["add"], n=16)["eval.add.n"] == 16
 
 
-@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning"])
 def test_prefix_and_prompt_tuning_train_virtual_tokens(method, base_ckpt, tmp_path):
     ckpt = sft(
         [base_ckpt],
@@ -95,8 +96,30 @@ def test_prefix_and_prompt_tuning_train_virtual_tokens(method, base_ckpt, tmp_pa
     assert ckpt.format == "peft-adapter"
     cfg = json.loads((ckpt.path / "adapter_config.json").read_text())
     assert cfg["num_virtual_tokens"] == 8
-    assert ckpt.manifest.metrics["train.trainable_params"] < 50_000
+    if method == "ptuning":  # P-tuning: a prompt encoder (PEFT's), an MLP by default
+        assert cfg["peft_type"] == "P_TUNING" and cfg["encoder_reparameterization_type"] == "MLP"
+        assert ckpt.manifest.metrics["train.trainable_params"] < 200_000
+    else:
+        assert ckpt.manifest.metrics["train.trainable_params"] < 50_000
     assert "eval.reverse.accuracy" in evaluate_checkpoint(ckpt, ["reverse"], n=16)
+    if method == "ptuning":  # the adapter served as it is (it cannot be folded into weights)
+        from serve.state import ServerState, load_state
+        from tests.helpers import app_client
+
+        state = load_state(ServerState(), str(ckpt.path))
+        assert state.ready, state.failed
+        try:
+            r = asyncio.run(
+                app_client(state).chat.completions.create(
+                    model=state.model_id,
+                    messages=[{"role": "user", "content": "reverse abc"}],
+                    max_tokens=8,
+                    temperature=0,
+                )
+            )
+            assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0
+        finally:
+            state.backend.close()
 
 
 def test_prefix_cannot_be_merged():
