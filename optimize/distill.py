@@ -241,6 +241,57 @@ def check_inputs(
     return teacher, student
 
 
+class RecoverySettings(KDSettings):
+    """A compression stage's recovery: distillation from its uncompressed parent, to win back
+    what the compression cost (``optimize.onebit``, ``optimize.prune``)."""
+
+    recovery: bool = Field(
+        default=True,
+        description="Distill the parent into the compressed model (onebit: through the "
+        "straight-through estimator; prune: the pruned weights held at zero); false writes the "
+        "compressed model at once.",
+    )
+    max_steps: int = Field(default=300, description="Recovery steps.")
+    eval_n: int = Field(
+        default=200,
+        ge=0,
+        description="Held-out examples per task on which the compressed model is scored before "
+        "recovery (0: skip); the recipe's eval suite scores the output.",
+    )
+
+
+def before_recovery(model, tokenizer, s: RecoverySettings, prefix: str) -> dict:
+    """``{prefix}.before_recovery.{task}.accuracy`` for each task (none with ``eval_n: 0``)."""
+    from polm.evaluate import accuracy
+
+    if s.eval_n == 0:
+        return {}
+    model.eval()
+    return {
+        f"{prefix}.before_recovery.{t}.accuracy": accuracy(model, tokenizer, t, s.eval_n)[
+            "accuracy"
+        ]
+        for t in s.tasks
+    }
+
+
+def recover(student, parent, tokenizer, dataset, s: RecoverySettings, out: Path, inputs,
+            callbacks=()) -> dict:  # fmt: skip
+    """Train ``student`` by distillation from ``parent`` (a compression stage's recovery); the
+    training metrics."""
+    import shutil
+
+    from polm.training import train
+
+    student.train()
+    trainer = make_trainer(student, parent, tokenizer, dataset, s, out, inputs)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    metrics = train(trainer)
+    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    return metrics
+
+
 def build_dataset(s: KDSettings):
     """Chat ``messages`` rows; the assistant turn is blanked when it is never trained on."""
     from polm.data import check_columns, load_dataset_source, task_dataset

@@ -8,23 +8,23 @@ recovery by quantization-aware distillation from the full-precision parent.
   times the absmean scale (per output row here, not per tensor: better before recovery, and
   still under 2 bits a weight with base-3 packing). Weights only; activations stay in float.
 
-Embeddings, norms, the output head and MoE routers stay in full precision. Recovery (on by
+Embeddings, norms, the output head and MoE routers are not binarized. Recovery (on by
 default; ``recovery: false`` for plain post-training quantization) trains the latent
 full-precision weights and the scales through the straight-through estimator, with the
 parent as teacher and ``optimize.distill``'s loss and data modes. The output is the
-``onebit`` format (``polm.onebit``): the signs or trits packed into bytes, the scales in fp16.
+``onebit`` format (``polm.onebit``): the signs or trits packed into bytes, the scales in fp16,
+the embedding in int8 rows (``embedding_bits``), everything else in bfloat16.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from optimize.distill import KDSettings, build_dataset, make_trainer
+from optimize.distill import RecoverySettings, before_recovery, build_dataset, recover
 from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
 from polm.stage import single_input, with_parent_data
@@ -32,16 +32,11 @@ from polm.stage import single_input, with_parent_data
 STAGE = "optimize.onebit"
 
 
-class OneBitSettings(KDSettings):
+class OneBitSettings(RecoverySettings):
     """Settings of ``optimize.onebit``; the recovery fields are ``optimize.distill``'s."""
 
     method: Literal["binary", "ternary"] = Field(
         default="binary", description="binary (sign × rank-one scales) or ternary (absmean)."
-    )
-    recovery: bool = Field(
-        default=True,
-        description="Quantization-aware distillation from the full-precision parent "
-        "(straight-through estimator); false quantizes and writes at once.",
     )
     embedding_bits: Literal[4, 8, 16] = Field(
         default=8,
@@ -49,13 +44,6 @@ class OneBitSettings(KDSettings):
         "rows with a scale each (near lossless); 4, 4-bit groups of 32 with a scale each (what "
         "brings a large-vocabulary model under 2 bits a weight overall; lossy, and recovery "
         "does not see it); 16, bfloat16. Every other tensor is stored in bfloat16.",
-    )
-    max_steps: int = Field(default=300, description="Recovery steps.")
-    eval_n: int = Field(
-        default=200,
-        ge=0,
-        description="Held-out examples per task on which the quantized model is scored before "
-        "recovery (0: skip); the recipe's eval suite scores the output.",
     )
 
 
@@ -182,18 +170,6 @@ def packed_tensors(model, names: list[str], method: str, embedding_bits: int = 8
     return tensors, embeddings
 
 
-def _before_recovery(model, tokenizer, s: OneBitSettings) -> dict:
-    from polm.evaluate import accuracy
-
-    if s.eval_n == 0:
-        return {}
-    model.eval()
-    return {
-        f"onebit.before_recovery.{t}.accuracy": accuracy(model, tokenizer, t, s.eval_n)["accuracy"]
-        for t in s.tasks
-    }
-
-
 def run(inputs: list[Checkpoint], settings: OneBitSettings, out: Path) -> Checkpoint:
     import copy
 
@@ -212,14 +188,9 @@ def run(inputs: list[Checkpoint], settings: OneBitSettings, out: Path) -> Checkp
     parent, tokenizer = load_model(parent_ckpt)
     student = copy.deepcopy(parent)
     names = quantize_model(student, s.method)
-    metrics |= _before_recovery(student, tokenizer, s)
+    metrics |= before_recovery(student, tokenizer, s, "onebit")
     if s.recovery:
-        from polm.training import train
-
-        student.train()
-        trainer = make_trainer(student, parent, tokenizer, dataset, s, out, inputs)
-        metrics |= train(trainer)
-        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+        metrics |= recover(student, parent, tokenizer, dataset, s, out, inputs)
     shapes = {
         n: [student.get_submodule(n).out_features, student.get_submodule(n).in_features]
         for n in names

@@ -108,6 +108,14 @@ STAGES: dict[str, StageEntry] = {
         "by straight-through distillation from the full-precision parent",
         trains=True,
     ),
+    "optimize.prune": StageEntry(
+        "optimize.prune:run",
+        "optimize.prune:PruneSettings",
+        "one-shot pruning of the decoder's linear layers by Wanda (|weight| x input norm) or "
+        "magnitude, unstructured or N:M (2:4), with recovery by distillation from the dense "
+        "parent, the pruned weights held at zero",
+        trains=True,
+    ),
     "optimize.onnx": StageEntry(
         "optimize.onnx:run",
         "optimize.onnx:OnnxSettings",
