@@ -274,6 +274,10 @@ dtype: float32
     model = AutoModelForCausalLM.from_pretrained(out.path)
     gen = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4)
     assert gen.shape[1] == 7
+    from polm.evaluate import evaluate_checkpoint  # evaluated like any other checkpoint
+
+    scores = evaluate_checkpoint(out, ["add"], n=8)
+    assert scores["eval.add.n"] == 8 and 0 <= scores["eval.add.accuracy"] <= 1
 
 
 def test_a_gradient_slerp_over_slices_runs_as_mergekits_docs_write_it(experts, tmp_path):
