@@ -81,7 +81,6 @@ class Sampler:
 
         self.np, self.p, self.matcher = np, params, matcher
         self.eos = sorted(eos)
-        self.made = 0
         self.rng = np.random.default_rng(params.seed)
         self.counts: Counter[int] = Counter()
 
@@ -89,7 +88,7 @@ class Sampler:
         np, p = self.np, self.p
         raw = np.asarray(logits, dtype=np.float32)
         z = raw
-        no_eos = self.eos and (p.ignore_eos or self.made < p.min_tokens)
+        no_eos = self.eos and (p.ignore_eos or self.counts.total() < p.min_tokens)
         if (
             no_eos
             or p.logit_bias
@@ -113,7 +112,6 @@ class Sampler:
         else:
             tok = self._sample(z)
         self.counts[tok] += 1
-        self.made += 1
         if self.matcher is not None:
             self.matcher.take(tok)
         lp = None if p.logprobs is None else token_logprob(raw, tok, p.logprobs)
