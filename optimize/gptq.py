@@ -13,6 +13,15 @@ stored in 16 bits (fp16, or bf16 for a tensor fp16 cannot hold): GPTQModel saves
 dtype the model was quantized in, fp32 on CPU, which left Gemma 3 270M's tied 262k-row
 embedding at 671 MB of a 724 MB checkpoint. The loader computes in fp32 as before.
 
+Sparse parents (``optimize.prune``): GPTQ quantizes one column at a time and spreads each
+column's rounding error over the columns not yet quantized, pruned positions included, so a
+50%-sparse layer came out dense. With ``keep_zeros`` (the default) every weight that is exactly
+zero in the parent is zero in the output: its quantized value is set to the zero point (which
+dequantizes to exactly 0) before the layer's output feeds the next layer's calibration, so the
+layers after it calibrate on the sparse weights. ``gptq.zero_fraction`` in the manifest is read
+back from the packed weights. The file is no smaller for it: GPTQ's layout packs every weight,
+zero or not.
+
 MoE checkpoints: GPTQ needs each expert's inputs, and an expert the router never picks on the
 calibration data has none. GPTQModel falls back to round-to-nearest for modules that saw too
 few tokens (its ``fallback`` setting, on by default), so quantization and loading do not break;
@@ -72,6 +81,11 @@ class GPTQSettings(TaskOrDataset):
     sym: bool = Field(default=True, description="Symmetric quantization (no zero point).")
     damp_percent: float = Field(
         default=0.05, gt=0, lt=1, description="Hessian dampening, a fraction of its mean diagonal."
+    )
+    keep_zeros: bool = Field(
+        default=True,
+        description="Keep every weight that is exactly zero in the parent (a pruned model's "
+        "mask) at zero after quantization.",
     )
     n_calibration: int = Field(default=256, gt=0, description="Calibration samples.")
     batch_size: int = Field(default=16, gt=0, description="Calibration batch size.")
@@ -169,6 +183,68 @@ def expert_tokens(model, tokenizer, texts: list[str]) -> dict[str, list[int]] | 
         for h in hooks:
             h.remove()
     return {name.removesuffix(".gate"): c.tolist() for name, c in counts.items()} or None
+
+
+@contextlib.contextmanager
+def keeping_zeros(enabled: bool = True):
+    """While active, each layer GPTQModel quantizes keeps its exact zeros: the quantized weight
+    it returns (which the packer stores and the next layers calibrate on) is set back to 0
+    wherever the layer's weight was 0 before quantizing."""
+    from gptqmodel.quantization.gptq import GPTQ
+
+    if not enabled:
+        yield
+        return
+    original = GPTQ.quantize
+
+    def quantize(self, *args, **kwargs):
+        zeros = self.module.weight.data == 0
+        q, *rest = original(self, *args, **kwargs)
+        if zeros.any():
+            q[zeros.reshape(q.shape).to(q.device)] = 0
+        return (q, *rest)
+
+    GPTQ.quantize = quantize
+    try:
+        yield
+    finally:
+        GPTQ.quantize = original
+
+
+def packed_zeros(path: Path, bits: int):
+    """``{layer: bool tensor [out, in]}``: where the packed GPTQ weights in ``path`` dequantize
+    to exactly 0 (the value equals its group's zero point). Bits 2, 4 and 8 (3-bit words are
+    packed across int32 boundaries: ``{}``)."""
+    import torch
+    from safetensors import safe_open
+
+    if 32 % bits:
+        return {}
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int32) * bits
+    mask = (1 << bits) - 1
+    found = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in sorted(k for k in f.keys() if k.endswith(".qweight")):
+                base = key.removesuffix(".qweight")
+                qweight = f.get_tensor(key)  # [in / per_word, out]
+                values = (qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask
+                values = values.reshape(-1, qweight.shape[1])  # [in, out]
+                qzeros = f.get_tensor(base + ".qzeros")  # [groups, out / per_word]
+                points = (qzeros.unsqueeze(2) >> shifts.view(1, 1, -1)) & mask
+                points = (points.reshape(qzeros.shape[0], -1) + 1) & mask  # v1 stores zero - 1
+                g_idx = f.get_tensor(base + ".g_idx").long()
+                found[base] = (values == points[g_idx]).T
+    return found
+
+
+def packed_zero_fraction(path: Path, bits: int) -> float | None:
+    """The share of all packed GPTQ weights in ``path`` that dequantize to exactly 0."""
+    found = packed_zeros(path, bits)
+    if not found:
+        return None
+    return sum(int(z.sum()) for z in found.values()) / sum(z.numel() for z in found.values())
 
 
 def is_moe(ckpt: Checkpoint) -> bool:
@@ -278,7 +354,8 @@ def run(inputs: list[Checkpoint], settings: GPTQSettings, out: Path) -> Checkpoi
                 dtype=torch.float16 if gpu else torch.float32,
                 trust_remote_code=False,
             )
-            q.quantize(texts, batch_size=s.batch_size, tokenizer=tokenizer)
+            with keeping_zeros(s.keep_zeros):
+                q.quantize(texts, batch_size=s.batch_size, tokenizer=tokenizer)
             if size_bytes(parent.path) >= RELEASE_FROM_BYTES:  # a full gc takes ~0.5 s
                 release_free_memory()  # calibration inputs and Hessians, before the cast
             to_16_bits(q.model)
@@ -299,6 +376,7 @@ def run(inputs: list[Checkpoint], settings: GPTQSettings, out: Path) -> Checkpoi
         metrics = quantized_layer_stats(st.dir, s.bits) | {"params": stored_params(parent.path)}
         metrics |= data_note
         metrics["gptq.calibration_samples"] = len(texts)
+        metrics["gptq.zero_fraction"] = packed_zero_fraction(st.dir, s.bits)
         if routed is not None:
             metrics["gptq.expert_tokens"] = routed
             metrics["gptq.min_expert_tokens"] = min(min(c) for c in routed.values())

@@ -76,6 +76,34 @@ def test_gptq_keeps_accuracy_reloads_and_shrinks(
     assert specs["model.embed_tokens.weight"][0] == "F16"
 
 
+@pytest.mark.slow
+def test_gptq_of_a_pruned_model_keeps_its_zeros(add_sft, tmp_path):
+    """GPTQ's error compensation writes into pruned positions; keep_zeros holds them at 0."""
+    from safetensors.torch import load_file
+
+    from optimize.gptq import packed_zero_fraction, packed_zeros
+    from optimize.prune import PruneSettings
+    from optimize.prune import run as prune
+
+    pruned = prune([add_sft], PruneSettings(recovery=False, eval_n=0), tmp_path / "pruned")
+    parent = load_file(pruned.path / "model.safetensors")
+    settings = dict(bits=4, group_size=32, n_calibration=64, task="add")
+    kept = run([pruned], GPTQSettings(**settings), tmp_path / "kept")
+    lost = run([pruned], GPTQSettings(**settings, keep_zeros=False), tmp_path / "lost")
+
+    def filled(ckpt):  # pruned positions that dequantize to something other than 0
+        found = packed_zeros(ckpt.path, 4)
+        assert len(found) == 4 * 7  # every linear layer of the 4 blocks
+        was_zero = {layer: parent[f"{layer}.weight"] == 0 for layer in found}
+        assert all(z.float().mean() >= 0.49 for z in was_zero.values())  # 50% sparse
+        return sum(int((was_zero[k] & ~z).sum()) for k, z in found.items())
+
+    assert filled(kept) == 0  # every pruned weight still zero
+    assert filled(lost) > 0.01 * 0.5 * 491_520  # without it, GPTQ fills some in (5.8%)
+    fraction = kept.manifest.metrics["gptq.zero_fraction"]
+    assert fraction == packed_zero_fraction(kept.path, 4) >= 0.5
+
+
 def _silence_expert(moe_ckpt: Checkpoint, out) -> Checkpoint:
     """The MoE with expert 1's router row equal to expert 0's: with one expert per token, the
     tie goes to expert 0 and expert 1 receives no token."""
