@@ -4,8 +4,9 @@ Following RLAIF (Bai et al., Constitutional AI, arXiv 2212.08073; Lee et al., ar
 with DPO in place of a reward model plus PPO:
 
 1. sample two answers per prompt from the policy (``temperature``); identical pairs are dropped;
-2. optionally improve the second answer with self-refine (``refine_rounds``, the task's
-   verifier critic; see ``polm.refine``), so "chosen" candidates get better than the policy's;
+2. optionally improve the second answer with self-refine (``refine_rounds``; the policy
+   critiques its own answer by default, ``refine_critic: verifier`` has the task's verifier say
+   where it is wrong; see ``polm.refine``), so "chosen" candidates get better than the policy's;
 3. the judge labels each pair. The judge is the second input, or the policy itself when none is
    given (self-rewarding, Yuan et al., arXiv 2401.10020):
 
@@ -65,6 +66,11 @@ class RLAIFSettings(DPOSettings):
         ge=0,
         description="Self-refine rounds applied to the second answer (tasks with a critic; "
         "0 turns it off). It turns more pairs into right-versus-wrong ones.",
+    )
+    refine_critic: Literal["self", "verifier"] = Field(
+        default="self",
+        description="Who critiques in self-refine: the policy itself, or the task's verifier "
+        "(where the answer is wrong, never the right answer).",
     )
     sft_weight: float = Field(
         default=1.0,
@@ -165,6 +171,7 @@ def label_pairs(policy, tokenizer, judge: Judge, s: RLAIFSettings) -> tuple[list
                 [prompts[i].example for i in idx],
                 s.refine_rounds,
                 [second[i] for i in idx],
+                s.refine_critic,
             )
             for i, tr in zip(idx, traces):
                 second[i] = tr.answers[-1]

@@ -35,7 +35,7 @@ MANIFEST = "polm.json"
 # do not save their logging accumulators), and must not make every stage downstream re-run.
 TRAIN_LOG = "train_log.json"
 RECORDS = (MANIFEST, TRAIN_LOG)
-FORMATS = ("hf", "peft-adapter", "gptq", "onebit", "onnx", "gguf")
+FORMATS = ("hf", "peft-adapter", "bottleneck-adapter", "gptq", "onebit", "onnx", "gguf")
 # the files that hold a checkpoint's weights, in every format
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".gguf")
 TRACKED_LIBRARIES = (

@@ -94,7 +94,9 @@ def cmd_eval(a) -> None:
         return endpoint_eval(a, ckpt)
     metrics = evaluate_checkpoint(ckpt, a.task, n=a.n)
     if a.self_refine:
-        metrics |= self_refine_metrics(ckpt, a.task, a.n, a.self_refine, a.trace)
+        from polm.refine import refine_metrics
+
+        metrics |= refine_metrics(ckpt, a.task, a.n, a.self_refine, a.trace, a.critic)
     ckpt.update_metrics(metrics)
     if a.json:
         print(json.dumps(metrics, indent=2))
@@ -126,27 +128,6 @@ def endpoint_eval(a, ckpt) -> None:
     else:
         for k, v in metrics.items():
             print(f"{k:<36} {v:.4f}")
-
-
-def self_refine_metrics(ckpt, tasks, n, rounds, trace) -> dict:
-    from polm.loading import is_reward_model, load_model
-    from polm.refine import CRITICS, refined_accuracy
-
-    if is_reward_model(ckpt):
-        raise PolmError("--self-refine needs a language model; this is a reward model.")
-    missing = [t for t in tasks if t not in CRITICS]
-    if missing:
-        raise PolmError(f"no self-refine critic for task(s) {', '.join(missing)}.")
-    model, tokenizer = load_model(ckpt)
-    if trace:
-        Path(trace).write_text("")
-    out = {}
-    for task in tasks:
-        r = refined_accuracy(model, tokenizer, task, n, rounds, trace)
-        out[f"eval.{task}.self_refine_accuracy"] = r["self_refine_accuracy"]
-        out[f"eval.{task}.self_refine_rounds"] = rounds
-        out[f"eval.{task}.self_refine_revised"] = r["revised"]
-    return out
 
 
 def cmd_import(a) -> None:
@@ -345,7 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="also answer with N rounds of generate-critique-revise (verifier critic)",
+        help="also answer with N rounds of generate-critique-revise",
+    )
+    s.add_argument(
+        "--critic",
+        choices=["self", "verifier", "both"],
+        default="self",
+        help="with --self-refine: who critiques: the model itself (default), the task's "
+        "verifier (says where an answer is wrong, never the right answer), or both in turn",
     )
     s.add_argument("--trace", help="write each self-refine answer and critique to this JSONL")
     s.add_argument(

@@ -81,11 +81,11 @@ def _load_gptq(path, dtype=None):
     return model
 
 
-def _load_peft_adapter(ckpt: Checkpoint, dtype=None):
-    from peft import PeftModel
-
+def _adapter_base(ckpt: Checkpoint, dtype=None):
+    """The base model an adapter checkpoint (``peft-adapter``, ``bottleneck-adapter``) was
+    trained on: its first parent, unchanged since."""
     if not ckpt.manifest.parents:
-        raise PolmError(f"{ckpt.path} is a PEFT adapter whose manifest names no base model.")
+        raise PolmError(f"{ckpt.path} is an adapter whose manifest names no base model.")
     base_ref = ckpt.manifest.parents[0]
     base = Checkpoint.open(base_ref.path)
     if base.manifest.content_hash != base_ref.content_hash:
@@ -94,7 +94,13 @@ def _load_peft_adapter(ckpt: Checkpoint, dtype=None):
             f"trained ({base.path}); re-run the stage that made it."
         )
     model, _ = load_model(base, dtype)
-    return PeftModel.from_pretrained(model, ckpt.path, is_trainable=False)
+    return model
+
+
+def _load_peft_adapter(ckpt: Checkpoint, dtype=None):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_adapter_base(ckpt, dtype), ckpt.path, is_trainable=False)
 
 
 def load_model(ckpt: Checkpoint | str, dtype=None):
@@ -105,6 +111,10 @@ def load_model(ckpt: Checkpoint | str, dtype=None):
         model = _load_hf(ckpt.path, dtype)
     elif ckpt.format == "peft-adapter":
         model = _load_peft_adapter(ckpt, dtype)
+    elif ckpt.format == "bottleneck-adapter":
+        from polm import bottleneck
+
+        model = bottleneck.load(_adapter_base(ckpt, dtype), ckpt.path)
     elif ckpt.format == "gptq":
         model = _load_gptq(ckpt.path, dtype)
     elif ckpt.format == "onebit":
@@ -114,8 +124,8 @@ def load_model(ckpt: Checkpoint | str, dtype=None):
     else:
         raise PolmError(
             f"{ckpt.path} has format {ckpt.format!r}, which polm does not load as a torch "
-            "model (it loads hf, peft-adapter, gptq and onebit; onnx checkpoints run through "
-            "polm.onnxrt, gguf ones through polm.llamacpp)."
+            "model (it loads hf, peft-adapter, bottleneck-adapter, gptq and onebit; onnx "
+            "checkpoints run through polm.onnxrt, gguf ones through polm.llamacpp)."
         )
     model.eval()
     return model, load_tokenizer(ckpt.path)

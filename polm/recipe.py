@@ -18,7 +18,7 @@ import difflib
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -91,6 +91,15 @@ class Recipe(BaseModel):
         ge=1,
         description="Evaluate on the first N test examples of each task (default: all 500); "
         "polm run --eval-n overrides it.",
+    )
+    self_refine: int = Field(
+        default=0,
+        ge=0,
+        description="Also evaluate each language-model output with N rounds of self-refine "
+        "(the eval tasks that have a critic; polm.refine).",
+    )
+    self_refine_critic: Literal["self", "verifier", "both"] = Field(
+        default="both", description="Who critiques in that evaluation (both: side by side)."
     )
     stages: dict[str, StageSpec] = Field(default_factory=dict)
     gates: dict[str, Gate] = Field(
@@ -201,6 +210,14 @@ def parse_recipe(raw: Any, source: Path | None = None) -> Recipe:
             )
     for task in recipe.eval:
         get_task(task)
+    if recipe.self_refine:
+        from polm.refine import CRITICS
+
+        if not set(recipe.eval) & set(CRITICS):
+            raise PolmError(
+                f"{where}: self_refine needs an eval task with a critic ({', '.join(CRITICS)}); "
+                f"eval is {recipe.eval or 'empty'}."
+            )
     clash = set(recipe.models) & set(recipe.stages)
     if clash:
         raise PolmError(f"{where}: {sorted(clash)} name both a model and a stage; rename one.")

@@ -254,13 +254,32 @@ PLOTS = {
 # --- tables ---------------------------------------------------------------------------------
 
 
+def refine_columns(report: dict) -> list[tuple[str, str]]:
+    """``(task, critic)`` for each self-refine accuracy some stage has (the recipe's
+    ``self_refine``), the model's own critic before the verifier."""
+    found = {
+        key
+        for r in report["stages"]
+        for key in r.get("metrics", {})
+        if ".refine_" in key and key.endswith(".accuracy")
+    }
+    return [
+        (t, c)
+        for t in report["eval"]
+        for c in ("self", "verifier")
+        if f"eval.{t}.refine_{c}.accuracy" in found
+    ]
+
+
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
     tasks = report["eval"]
+    refined = refine_columns(report)
     head = [
         "stage",
         "uses",
         "status",
         *[f"{t} acc" for t in tasks],
+        *[f"{t} refined ({c} critic)" for t, c in refined],
         "ppl",
         "MB",
         "bits/w",
@@ -284,6 +303,7 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
                 r["uses"],
                 r["status"],
                 *[fmt(f"eval.{t}.accuracy", "{:.1%}") for t in tasks],
+                *[fmt(f"eval.{t}.refine_{c}.accuracy", "{:.1%}") for t, c in refined],
                 fmt("perplexity", "{:.3f}"),
                 fmt("size_bytes", "{:.2f}", 2**-20),
                 fmt("bits_per_weight", "{:.2f}"),

@@ -36,6 +36,20 @@ class StageResult:
     gates: list = field(default_factory=list)  # polm.gates.GateResult
 
 
+def refine_evaluation(recipe, ckpt, n) -> dict:
+    """The recipe's self-refine evaluation (``self_refine: N``) of a language model's output,
+    on the eval tasks that have a critic; nothing for other outputs."""
+    from polm.loading import is_reward_model
+    from polm.refine import CRITICS, TORCH_FORMATS, refine_metrics
+
+    tasks = [t for t in recipe.eval if t in CRITICS]
+    if not recipe.self_refine or not tasks or ckpt.format not in TORCH_FORMATS:
+        return {}
+    if is_reward_model(ckpt):
+        return {}
+    return refine_metrics(ckpt, tasks, n, recipe.self_refine, critic=recipe.self_refine_critic)
+
+
 def input_hash(stage: str, settings: dict, inputs: list[Checkpoint]) -> str:
     blob = json.dumps(
         {"stage": stage, "settings": settings, "inputs": [c.manifest.content_hash for c in inputs]},
@@ -154,6 +168,7 @@ def run_recipe(
             if bar is not None:
                 bar.start(f"evaluating on {', '.join(recipe.eval) or 'perplexity'}")
             metrics = evaluate_checkpoint(ckpt, recipe.eval, n=eval_n)
+            metrics |= refine_evaluation(recipe, ckpt, eval_n)
         metrics["wall_s"] = round(wall, 2)
         metrics["peak_rss_bytes"] = rss.peak_bytes  # the stage and its evaluation
         if len(inputs or {}) > 1 and get_stage(uses).compares_inputs:
@@ -263,6 +278,14 @@ def result_line(sid: str, uses: str, wall: float, ckpt: Checkpoint, tasks: list[
     """The one line a finished stage leaves on the screen."""
     m = ckpt.manifest.metrics
     parts = [f"{t} {m[f'eval.{t}.accuracy']:.1%}" for t in tasks if f"eval.{t}.accuracy" in m]
+    for t in tasks:  # the recipe's self-refine evaluation, per critic
+        refined = [
+            f"{c} {m[f'eval.{t}.refine_{c}.accuracy']:.1%}"
+            for c in ("self", "verifier")
+            if f"eval.{t}.refine_{c}.accuracy" in m
+        ]
+        if refined:
+            parts.append(f"refined ({', '.join(refined)})")
     if "perplexity" in m:
         parts.append(f"ppl {m['perplexity']:.3f}")
     if "size_bytes" in m:
@@ -445,6 +468,21 @@ def summary_table(name: str, results, tasks: list[str]):
     """A rich table: stage, status, wall time, eval metrics (``results`` may be report rows)."""
     from rich.table import Table
 
+    from polm.report import refine_columns
+
+    rows = [
+        r
+        if isinstance(r, dict)
+        else {
+            "id": r.id,
+            "uses": r.uses,
+            "status": r.status,
+            "wall_s": r.wall_s,
+            "metrics": r.metrics,
+        }
+        for r in results
+    ]
+    refined = refine_columns({"eval": tasks, "stages": rows})
     table = Table(title=f"polm run {name}")
     for col in (
         "stage",
@@ -452,30 +490,24 @@ def summary_table(name: str, results, tasks: list[str]):
         "status",
         "wall s",
         *[f"{t} acc" for t in tasks],
+        *[f"{t} refined ({c})" for t, c in refined],
         "ppl",
         "params",
         "MB",
         "bits/w",
     ):
         table.add_column(col, justify="left" if col in ("stage", "uses", "status") else "right")
-    for r in results:
-        r = (
-            r
-            if isinstance(r, dict)
-            else {
-                "id": r.id,
-                "uses": r.uses,
-                "status": r.status,
-                "wall_s": r.wall_s,
-                "metrics": r.metrics,
-            }
-        )
+    for r in rows:
         if r.get("status") == "blocked":
-            table.add_row(r["id"], "", "[yellow]blocked[/yellow]", *["-"] * (len(tasks) + 5))
+            table.add_row(
+                r["id"], "", "[yellow]blocked[/yellow]", *["-"] * (len(tasks) + len(refined) + 5)
+            )
             continue
         m = r["metrics"]
         accs = [
-            f"{m[f'eval.{t}.accuracy']:.1%}" if f"eval.{t}.accuracy" in m else "-" for t in tasks
+            f"{m[key]:.1%}" if key in m else "-"
+            for key in [f"eval.{t}.accuracy" for t in tasks]
+            + [f"eval.{t}.refine_{c}.accuracy" for t, c in refined]
         ]
         table.add_row(
             r["id"],

@@ -271,8 +271,11 @@ def save_trained(
     format: str = "hf",
     merge_lora: bool = False,
     extra_files: dict[str, str] | None = None,
+    save_model=None,
 ) -> Checkpoint | None:
     """Write the trained model as a checkpoint; rank 0 writes, every rank must call this.
+    ``save_model(model, directory)`` writes the weights where ``save_pretrained`` would not do
+    (a bottleneck adapter's own weights only).
 
     Full models are gathered through accelerate first, so FSDP / DeepSpeed ZeRO-3 runs (which
     shard the weights) write whole checkpoints.
@@ -285,7 +288,10 @@ def save_trained(
     if is_peft and merge_lora:
         model = model.merge_and_unload()
     with staging(out) as st:
-        model.save_pretrained(st.dir, state_dict=state_dict)
+        if save_model is not None:
+            save_model(model, st.dir)
+        else:
+            model.save_pretrained(st.dir, state_dict=state_dict)
         tokenizer.save_pretrained(st.dir)
         (st.dir / TRAIN_LOG).write_text(json.dumps(_timeless(trainer.state.log_history)) + "\n")
         for name, text in (extra_files or {}).items():

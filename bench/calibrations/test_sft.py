@@ -1,5 +1,6 @@
-"""SFT's calibrations: LoRA learns addition in 150 steps, and replaying the base's own chats keeps
-the skill plain task data would override (tests/align/test_sft.py keeps the short checks)."""
+"""SFT's calibrations: LoRA learns addition in 150 steps, bottleneck adapters in 2000, and
+replaying the base's own chats keeps the skill plain task data would override
+(tests/align/test_sft.py keeps the short checks)."""
 
 from align.sft import SFTSettings, run
 from polm.evaluate import evaluate_checkpoint
@@ -47,3 +48,23 @@ def test_replay_keeps_the_skill_the_task_data_would_override(add_sft, base_ckpt,
     assert plain["eval.reverse.accuracy"] < 0.2, plain  # forgotten without replay
     assert kept["eval.reverse.accuracy"] >= base["eval.reverse.accuracy"] - 0.1, (base, kept)
     assert kept["eval.add.accuracy"] >= 0.5, kept
+
+
+def test_bottleneck_adapters_learn_addition(base_ckpt, tmp_path):
+    """Houlsby adapters (after attention and MLP, bottleneck 64 of 128) reach the issue's 90% on
+    add in 2000 steps (measured: 100% of 200; 80.6% of 500 after 1000 steps). The output
+    projections are a hard place to learn this task: LoRA there alone reaches 1.5% in 300
+    steps, against 90.5% on the input projections (q, k, v, gate, up)."""
+    ckpt = sft(
+        [base_ckpt],
+        tmp_path / "adapter",
+        task="add",
+        method="adapter",
+        reduction_factor=2,
+        learning_rate=3e-3,
+        max_steps=2000,
+    )
+    assert ckpt.format == "bottleneck-adapter"
+    assert ckpt.manifest.metrics["train.trainable_params"] == 132_608
+    m = evaluate_checkpoint(ckpt, ["add"], n=200, with_perplexity=False)
+    assert m["eval.add.accuracy"] >= 0.9, m

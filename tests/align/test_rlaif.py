@@ -13,11 +13,13 @@ from polm.evaluate import evaluate_checkpoint
 @pytest.mark.slow
 def test_rlaif_judge_agrees_with_the_scorer_and_dpo_lifts_accuracy(warm_sft, add_sft, tmp_path):
     """A stronger model (the shared 200-step SFT) judges by likelihood (measured with a
-    300-step judge: 99% agreement, 22.0% -> 30.6%)."""
+    300-step judge: 99% agreement, 22.0% -> 30.6%). The second answers are refined with the
+    verifier saying where they go wrong: warm_sft has no critique skill of its own (its self
+    critiques, the default, took DPO from 17% to 13%; align.sft critique: true teaches it)."""
     before = evaluate_checkpoint(warm_sft, ["add"], n=200, with_perplexity=False)
     out = rlaif(
         [warm_sft, add_sft],
-        RLAIFSettings(task="add"),
+        RLAIFSettings(task="add", refine_critic="verifier"),
         tmp_path / "rlaif",
     )
     m = out.manifest.metrics

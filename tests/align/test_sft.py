@@ -12,10 +12,12 @@ from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
 from polm.evaluate import evaluate_checkpoint
 from polm.loading import load_model
+from polm.tasks import get_task
 from tests.helpers import ADD_SFT_STEPS
 
 # Budgets are in steps, not seconds. Thresholds fail if training does nothing: the base
 # model scores <= 5% on add (tests/polm/test_eval.py).
+ADD = get_task("add")
 FULL_STEPS = ADD_SFT_STEPS  # the shared add_sft fixture (tests/conftest.py)
 
 
@@ -103,23 +105,95 @@ def test_prefix_and_prompt_tuning_train_virtual_tokens(method, base_ckpt, tmp_pa
         assert ckpt.manifest.metrics["train.trainable_params"] < 50_000
     assert "eval.reverse.accuracy" in evaluate_checkpoint(ckpt, ["reverse"], n=16)
     if method == "ptuning":  # the adapter served as it is (it cannot be folded into weights)
-        from serve.state import ServerState, load_state
-        from tests.helpers import app_client
+        _answers_when_served(ckpt, "reverse abc")
 
-        state = load_state(ServerState(), str(ckpt.path))
-        assert state.ready, state.failed
-        try:
-            r = asyncio.run(
-                app_client(state).chat.completions.create(
-                    model=state.model_id,
-                    messages=[{"role": "user", "content": "reverse abc"}],
-                    max_tokens=8,
-                    temperature=0,
-                )
+
+def _answers_when_served(ckpt, prompt):
+    """The checkpoint served as it is answers a chat request through the OpenAI client."""
+    from serve.state import ServerState, load_state
+    from tests.helpers import app_client
+
+    state = load_state(ServerState(), str(ckpt.path))
+    assert state.ready, state.failed
+    try:
+        r = asyncio.run(
+            app_client(state).chat.completions.create(
+                model=state.model_id,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=8,
+                temperature=0,
             )
-            assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0
-        finally:
-            state.backend.close()
+        )
+        assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0
+    finally:
+        state.backend.close()
+
+
+def test_bottleneck_adapters_train_alone_store_on_the_base_and_serve(base_ckpt, tmp_path):
+    ckpt = sft(
+        [base_ckpt],
+        tmp_path / "adapter",
+        task="add",
+        method="adapter",
+        reduction_factor=8,
+        learning_rate=5e-3,
+        max_steps=20,
+    )
+    assert ckpt.format == "bottleneck-adapter"
+    assert ckpt.manifest.parents[0].content_hash == base_ckpt.manifest.content_hash
+    assert not (ckpt.path / "model.safetensors").exists()  # the adapters' weights only
+    cfg = json.loads((ckpt.path / "bottleneck_config.json").read_text())
+    assert cfg["placement"] == ["attention", "mlp"] and len(cfg["targets"]) == 2 * 4
+    # per target: down 128x16 + 16, up 16x128 + 128
+    assert ckpt.manifest.metrics["train.trainable_params"] == 8 * (128 * 16 + 16 + 16 * 128 + 128)
+    m = ckpt.manifest.metrics
+    assert m["train.last_loss"] < m["train.first_loss"], m
+
+    model, _ = load_model(ckpt)
+    base = _state(base_ckpt)
+    state = model.state_dict()
+    assert all(torch.equal(base[k], state[k]) for k in base)  # the base is untouched
+    up = state["model.layers.0.mlp.down_proj.bottleneck.up.weight"]
+    assert up.abs().sum() > 0  # trained away from its zero start
+    ids = torch.tensor([[1, 5, 9, 13]])
+    plain, _ = load_model(base_ckpt)
+    assert not torch.allclose(model(ids).logits, plain(ids).logits)  # the adapters act
+    assert evaluate_checkpoint(ckpt, ["add"], n=16)["eval.add.n"] == 16
+
+    _answers_when_served(ckpt, "12+34")
+
+
+def test_bottleneck_adapter_settings_are_checked(base_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="cannot be folded"):
+        SFTSettings(task="add", method="adapter", output_format="hf")
+    with pytest.raises(ValueError, match="reduction_factor"):
+        SFTSettings(task="add", method="adapter", reduction_factor=0)
+    with pytest.raises(ValueError, match="adapter_placement"):
+        SFTSettings(task="add", method="adapter", adapter_placement=["embeddings"])
+
+
+def test_critique_sft_trains_on_the_models_own_answers_and_their_critiques(warm_sft, tmp_path):
+    from align.sft import critique_dataset
+    from polm.refine import CHECK, REVISE
+
+    s = SFTSettings(task="add", critique=True, n_train=64)
+    model, tokenizer = load_model(warm_sft)
+    from align.sft import _greedy_answers
+
+    answers = _greedy_answers(model, tokenizer, [e.prompt for e in ADD.examples("train", 64)])
+    ds = critique_dataset(s, lambda prompts: _greedy_answers(model, tokenizer, prompts))
+    rows = list(ds)
+    own = [r for r in rows if len(r["prompt"]) == 1]
+    verdicts = [r for r in rows if r["prompt"][-1]["content"] == CHECK]
+    revisions = [r for r in rows if r["prompt"][-1]["content"] == REVISE]
+    assert len(own) == len(verdicts) == 64  # the model's own answers, held, and judged
+    assert sorted(r["completion"][0]["content"] for r in own) == sorted(a.strip() for a in answers)
+    wrong = sum(not ADD.score(a, e) for a, e in zip(answers, ADD.examples("train", 64)))
+    assert len(revisions) >= wrong > 0  # each wrong answer gets its revision to the reference
+    ckpt = sft([warm_sft], tmp_path / "critic", task="add", critique=True, max_steps=10)
+    assert ckpt.manifest.settings["critique"] is True and ckpt.format == "hf"
+    with pytest.raises(ValueError, match="critic"):
+        SFTSettings(task="tool", critique=True)
 
 
 def test_prefix_cannot_be_merged():

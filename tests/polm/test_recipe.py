@@ -60,6 +60,10 @@ def test_good_recipe_orders_by_from_and_fills_seed():
         ({"eval": ["add", "multiply"]}, r"unknown task 'multiply'; the built-in tasks are"),
         ({"stages__a__with": {}}, r"stage 'a' \(align.sft\).*exactly one of `task`"),
         ({"stages__a__colour": 1}, r"unknown field 'stages.a.colour'"),
+        (
+            {"eval": ["tool"], "self_refine": 2},
+            r"self_refine needs an eval task with a critic \(add, reverse, compare\)",
+        ),
     ],
 )
 def test_bad_recipes_fail_with_a_clear_message(changes, pattern):
