@@ -77,6 +77,12 @@ class SFTSettings(DataSettings, LoraSettings):
     encoder_hidden_size: int | None = Field(
         default=None, gt=0, description="P-tuning's encoder width (default: the model's)."
     )
+    tune_model: bool = Field(
+        default=False,
+        description="P-tuning with the model's weights trained too (the P-tuning paper's tuned-"
+        "model setting; frozen is its other): the tuned weights are stored under base/ in the "
+        "adapter checkpoint, as the adapter's base.",
+    )
     replay: str | list[str] | None = Field(
         default=None,
         description="Rehearsal data mixed into the training data (same format), one source or "
@@ -126,6 +132,8 @@ class SFTSettings(DataSettings, LoraSettings):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.tune_model and self.method != "ptuning":
+            raise ValueError("tune_model applies to method: ptuning only")
         if (self.method == "adapter") != (self.resolved_output_format == ADAPTER):
             raise ValueError(
                 f"method adapter writes output_format {ADAPTER} (a bottleneck adapter cannot "
@@ -337,6 +345,8 @@ def build_trainer(base: Checkpoint, settings: SFTSettings, out: Path):
         processing_class=tokenizer,
         peft_config=peft_config(s),
     )
+    if s.tune_model:  # PEFT froze the model for the prompt encoder: train both
+        trainer.model.base_model.requires_grad_(True)
     return trainer, tokenizer, mask_metrics
 
 
@@ -363,4 +373,5 @@ def run(inputs: list[Checkpoint], settings: SFTSettings, out: Path) -> Checkpoin
         format=fmt,
         merge_lora=fmt == "hf",
         save_model=save_model,
+        save_base=s.tune_model,
     )

@@ -75,6 +75,11 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, **sa
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     enc = {k: v.to(model.device) for k, v in enc.items()}
+    from polm.virtual import generate_kwargs
+
+    virtual = generate_kwargs(model, enc)
+    if virtual is not None:  # the base model, its virtual tokens put in front by hand
+        model, enc = virtual
     with torch.no_grad():
         gen = model.generate(
             **enc,
@@ -87,7 +92,8 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, **sa
             output_logits=False,
             **sampling,
         )
-    return tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    start = 0 if "inputs_embeds" in enc else enc["input_ids"].shape[1]  # embeds: new tokens only
+    return tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)
 
 
 def greedy_generate(

@@ -83,7 +83,10 @@ def _load_gptq(path, dtype=None):
 
 def _adapter_base(ckpt: Checkpoint, dtype=None):
     """The base model an adapter checkpoint (``peft-adapter``, ``bottleneck-adapter``) was
-    trained on: its first parent, unchanged since."""
+    trained on: its first parent, unchanged since; or, where the base was trained with the
+    adapter (P-tuning with ``tune_model``), the tuned base it carries under ``base/``."""
+    if (ckpt.path / "base" / "config.json").is_file():
+        return _load_hf(ckpt.path / "base", dtype)
     if not ckpt.manifest.parents:
         raise PolmError(f"{ckpt.path} is an adapter whose manifest names no base model.")
     base_ref = ckpt.manifest.parents[0]

@@ -109,6 +109,8 @@ def prefix_for(task: str, answer: str, message: str) -> str:
             return _prefix(steps, int(found.group(2)) - 1)
         if "total" in message:
             return _prefix(steps, ADD_DIGITS) + "=> "
+        if "too many steps" in message:
+            return _prefix(steps, ADD_DIGITS)
         return ""
     if task == "reverse" and found and found.group(1) == "letter":
         return answer.strip()[: int(found.group(2)) - 1]

@@ -39,6 +39,7 @@ def task_examples(s: DataSettings) -> int | None:
     return s.max_steps * s.per_device_train_batch_size * s.gradient_accumulation_steps * world
 
 
+TUNED_BASE = "base"  # an adapter's own trained base, inside its checkpoint (polm.loading)
 RESUME_PREFIX = "resume-"
 SAVED_MARKER = ".polm-saved"
 
@@ -272,10 +273,12 @@ def save_trained(
     merge_lora: bool = False,
     extra_files: dict[str, str] | None = None,
     save_model=None,
+    save_base: bool = False,
 ) -> Checkpoint | None:
     """Write the trained model as a checkpoint; rank 0 writes, every rank must call this.
     ``save_model(model, directory)`` writes the weights where ``save_pretrained`` would not do
-    (a bottleneck adapter's own weights only).
+    (a bottleneck adapter's own weights only). ``save_base`` also writes an adapter's trained
+    base model under ``base/`` (P-tuning with the model tuned too).
 
     Full models are gathered through accelerate first, so FSDP / DeepSpeed ZeRO-3 runs (which
     shard the weights) write whole checkpoints.
@@ -292,6 +295,9 @@ def save_trained(
             save_model(model, st.dir)
         else:
             model.save_pretrained(st.dir, state_dict=state_dict)
+        if save_base:
+            model.get_base_model().save_pretrained(st.dir / TUNED_BASE)
+            tokenizer.save_pretrained(st.dir / TUNED_BASE)
         tokenizer.save_pretrained(st.dir)
         (st.dir / TRAIN_LOG).write_text(json.dumps(_timeless(trainer.state.log_history)) + "\n")
         for name, text in (extra_files or {}).items():

@@ -25,6 +25,7 @@ import time
 
 from polm.loading import load_model
 from polm.stage import left_padded_positions
+from polm.virtual import for_decoding
 from serve.backends.base import Job, Sampler, TokenBackend, deliver, prompt_logprobs
 
 
@@ -51,6 +52,8 @@ class TransformersBackend(TokenBackend):
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model, self.tokenizer = load_model(ckpt, dtype=dtype)
         self.model.to(self.device)
+        # prompt, P- and prefix tuning: their virtual tokens put in front by polm (polm.virtual)
+        self.model = for_decoding(self.model)
         cfg = self.model.config
         cfg = getattr(cfg, "get_text_config", lambda: cfg)()
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)

@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from align.sft import SFTSettings, run
 from polm.checkpoint import Checkpoint, staging
 from polm.errors import PolmError
-from polm.evaluate import evaluate_checkpoint
+from polm.evaluate import chat_prompt, evaluate_checkpoint, greedy_generate
 from polm.loading import load_model
 from polm.tasks import get_task
 from tests.helpers import ADD_SFT_STEPS
@@ -104,8 +105,52 @@ def test_prefix_and_prompt_tuning_train_virtual_tokens(method, base_ckpt, tmp_pa
     else:
         assert ckpt.manifest.metrics["train.trainable_params"] < 50_000
     assert "eval.reverse.accuracy" in evaluate_checkpoint(ckpt, ["reverse"], n=16)
-    if method == "ptuning":  # the adapter served as it is (it cannot be folded into weights)
-        _answers_when_served(ckpt, "reverse abc")
+    # decoding keeps the virtual tokens: the evaluation's answers and the server's are those
+    # of PEFT's own forward pass, token by token without a cache (PEFT's generate lost them)
+    model, tokenizer = load_model(ckpt)
+    prompts = ["reverse abc", "reverse hello"]
+    greedy = greedy_generate(model, tokenizer, prompts, max_new_tokens=8)
+    assert greedy == [_uncached_greedy(model, tokenizer, p, 8) for p in prompts]
+    assert _answers_when_served(ckpt, prompts[0]) == greedy[0].strip()
+
+
+def _uncached_greedy(model, tokenizer, prompt, n):
+    ids = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+    ids, start = ids["input_ids"], ids["input_ids"].shape[1]
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        if nxt.item() == tokenizer.eos_token_id:
+            break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def test_ptuning_with_the_model_tuned_too_carries_its_tuned_base(base_ckpt, tmp_path):
+    ckpt = sft(
+        [base_ckpt],
+        tmp_path / "pt_tuned",
+        task="add",
+        method="ptuning",
+        tune_model=True,
+        learning_rate=1e-3,
+        max_steps=20,
+    )
+    assert ckpt.format == "peft-adapter" and (ckpt.path / "base" / "config.json").is_file()
+    assert ckpt.manifest.metrics["train.trainable_params"] > 1_033_344  # the model and encoder
+    before = _state(base_ckpt)
+    tuned = load_file(ckpt.path / "base" / "model.safetensors")
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"],
+        tuned["model.layers.0.self_attn.q_proj.weight"],
+    )
+    model, _ = load_model(ckpt)  # the adapter on its tuned base, not on the parent
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    loaded = model.get_base_model().state_dict()
+    assert torch.equal(loaded["model.norm.weight"], tuned["model.norm.weight"])
+    assert evaluate_checkpoint(ckpt, ["add"], n=16)["eval.add.n"] == 16
+    with pytest.raises(ValueError, match="tune_model applies to method: ptuning"):
+        SFTSettings(task="add", method="lora", tune_model=True)
 
 
 def _answers_when_served(ckpt, prompt):
@@ -125,6 +170,7 @@ def _answers_when_served(ckpt, prompt):
             )
         )
         assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0
+        return r.choices[0].message.content
     finally:
         state.backend.close()
 

@@ -45,6 +45,10 @@ def _mutations(answer: str, rng: random.Random, n: int) -> list[str]:
     return out
 
 
+def _text(text: str) -> str:
+    return "".join(text.split())
+
+
 def _digits(text: str) -> str:
     return "".join(c for c in text if c.isdigit())
 
@@ -63,7 +67,8 @@ def test_the_verifier_says_where_never_what_and_keeps_only_the_models_own_digits
             assert MESSAGE.match(c.message), c.message
             # every digit of the prefix the revision starts from is the model's, in its order
             assert _digits(answer).startswith(_digits(c.prefix)), (answer, c)
-            assert not c.prefix or answer.strip().startswith(c.prefix.strip().removesuffix("=>"))
+            # and it is the model's text (spaces aside), up to the "=>" a total is written after
+            assert _text(answer).startswith(_text(c.prefix).removesuffix("=>")), (answer, c)
             # and the model's own critique, read the same way, starts from the same place
             assert prefix_for("add", answer, c.message) == c.prefix
     assert checked > 2000
