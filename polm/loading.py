@@ -106,6 +106,10 @@ def _load_peft_adapter(ckpt: Checkpoint, dtype=None):
     return PeftModel.from_pretrained(_adapter_base(ckpt, dtype), ckpt.path, is_trainable=False)
 
 
+# the formats load_model opens as a torch model
+TORCH_FORMATS = ("hf", "peft-adapter", "bottleneck-adapter", "gptq", "onebit")
+
+
 def load_model(ckpt: Checkpoint | str, dtype=None):
     """Return ``(model, tokenizer)`` for a checkpoint of any format polm knows."""
     if not isinstance(ckpt, Checkpoint):
@@ -127,8 +131,8 @@ def load_model(ckpt: Checkpoint | str, dtype=None):
     else:
         raise PolmError(
             f"{ckpt.path} has format {ckpt.format!r}, which polm does not load as a torch "
-            "model (it loads hf, peft-adapter, bottleneck-adapter, gptq and onebit; onnx "
-            "checkpoints run through polm.onnxrt, gguf ones through polm.llamacpp)."
+            f"model (it loads {', '.join(TORCH_FORMATS)}; onnx checkpoints run through "
+            "polm.onnxrt, gguf ones through polm.llamacpp)."
         )
     model.eval()
     return model, load_tokenizer(ckpt.path)

@@ -238,13 +238,16 @@ def refined_accuracy(
     rounds: int,
     trace_file=None,
     critic: Critic = "self",
+    first: list[str] | None = None,
 ):
-    """Accuracy on the task's test split before and after ``rounds`` of self-refine."""
+    """Accuracy on the task's test split before and after ``rounds`` of self-refine, from the
+    model's greedy answers (or ``first``, when the caller has them)."""
     from polm.evaluate import greedy_generate
 
     t = get_task(task)
     examples = t.examples("test", n)
-    first = greedy_generate(model, tokenizer, [e.prompt for e in examples])
+    if first is None:
+        first = greedy_generate(model, tokenizer, [e.prompt for e in examples])
     traces = self_refine(model, tokenizer, task, examples, rounds, first, critic)
     if trace_file is not None:
         with open(trace_file, "a") as f:
@@ -265,9 +268,6 @@ def refined_accuracy(
     }
 
 
-TORCH_FORMATS = ("hf", "peft-adapter", "bottleneck-adapter", "gptq", "onebit")
-
-
 def refine_metrics(ckpt, tasks, n, rounds, trace=None, critic="self") -> dict:
     """``eval.<task>.refine_<critic>.accuracy`` (and ``.rounds``, ``.revised``,
     ``.critic_agreement``: how often the critic's verdict on the first answer matched the
@@ -276,7 +276,8 @@ def refine_metrics(ckpt, tasks, n, rounds, trace=None, critic="self") -> dict:
     from pathlib import Path
 
     from polm.errors import PolmError
-    from polm.loading import is_reward_model, load_model
+    from polm.evaluate import greedy_generate
+    from polm.loading import TORCH_FORMATS, is_reward_model, load_model
 
     if ckpt.format not in TORCH_FORMATS or is_reward_model(ckpt):
         raise PolmError(
@@ -291,8 +292,10 @@ def refine_metrics(ckpt, tasks, n, rounds, trace=None, critic="self") -> dict:
         Path(trace).write_text("")
     out = {}
     for task in tasks:
+        prompts = [e.prompt for e in get_task(task).examples("test", n)]
+        first = greedy_generate(model, tokenizer, prompts)  # one set for every critic
         for c in CRITIC_KINDS if critic == "both" else (critic,):
-            r = refined_accuracy(model, tokenizer, task, n, rounds, trace, c)
+            r = refined_accuracy(model, tokenizer, task, n, rounds, trace, c, first)
             key = f"eval.{task}.refine_{c}"
             out[f"{key}.accuracy"] = r["self_refine_accuracy"]
             out[f"{key}.rounds"] = rounds

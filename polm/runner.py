@@ -39,8 +39,8 @@ class StageResult:
 def refine_evaluation(recipe, ckpt, n) -> dict:
     """The recipe's self-refine evaluation (``self_refine: N``) of a language model's output,
     on the eval tasks that have a critic; nothing for other outputs."""
-    from polm.loading import is_reward_model
-    from polm.refine import CRITICS, TORCH_FORMATS, refine_metrics
+    from polm.loading import TORCH_FORMATS, is_reward_model
+    from polm.refine import CRITICS, refine_metrics
 
     tasks = [t for t in recipe.eval if t in CRITICS]
     if not recipe.self_refine or not tasks or ckpt.format not in TORCH_FORMATS:
